@@ -1,0 +1,22 @@
+"""fastres: fused GPU kernels for ResNets, a drop-in replacement for torchvision's ResNet zoo.
+
+    model = fastres.resnet50(weights="IMAGENET1K_V2").eval()   # same keys and numbers as torchvision
+    model = fastres.from_torchvision(tv_model)                 # or convert an existing model
+"""
+__version__ = "0.1.0"
+
+from . import ops
+from ._extension import extension_loaded
+from .models.resnet import (BasicBlock, Bottleneck, ResNet, from_torchvision, resnet18, resnet34, resnet50,
+                            resnet101, resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
+                            wide_resnet50_2, wide_resnet101_2)
+from .ops.backend import _default_from_environment, available_backends, get_backend, set_backend, use_backend
+
+_default_from_environment()
+
+__all__ = [
+    "BasicBlock", "Bottleneck", "ResNet", "from_torchvision",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+    "available_backends", "get_backend", "set_backend", "use_backend", "extension_loaded", "ops",
+]

@@ -1,0 +1,26 @@
+"""Loads the compiled extension fastres._C, or says once why it is missing.
+
+fastres works without it: the ops fall back to the "torch" backend.
+"""
+from __future__ import annotations
+
+import warnings
+
+from .ops.backend import mark_available
+
+try:
+    from . import _C  # noqa: F401  (registers the torch.ops.fastres kernels)
+    _error = None
+except ImportError as error:  # not built: FASTRES_SKIP_EXT=1, no compiler, or a source checkout
+    _error = error
+
+if _error is not None:
+    warnings.warn(f"fastres._C is not available ({_error}); the 'cpp' backend is off and fastres uses "
+                  f"the 'torch' backend. Reinstall with `pip install --no-build-isolation -e .` to build it.",
+                  RuntimeWarning, stacklevel=2)
+mark_available("cpp", _error is None, f"fastres._C could not be loaded: {_error}")
+
+
+def extension_loaded() -> bool:
+    """Whether the compiled extension fastres._C was imported."""
+    return _error is None

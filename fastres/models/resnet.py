@@ -1,0 +1,235 @@
+"""The torchvision ResNet zoo on fastres's fused ops.
+
+The classes subclass torchvision's, so construction, weight initialisation (and its
+random-number stream), submodule names, state_dict keys and `isinstance` checks are
+torchvision's own; only the forward passes change. A block whose submodules were
+replaced or hooked in a way the fused path cannot honour runs torchvision's forward.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, List, Optional, Type, Union
+
+import torch
+import torchvision.models as tvm
+from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
+
+from .. import ops
+from ..nn import conv_bn_act, folded_conv_bn, fusable_pair, fusable_relu, memory_format_of, uses_running_stats
+from ..ops import onednn
+from ..ops.backend import get_backend
+
+__all__ = [
+    "ResNet", "BasicBlock", "Bottleneck", "from_torchvision",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+]
+
+
+def _projection(downsample: Optional[nn.Module]):
+    """(conv, bn) of a standard `Sequential(conv1x1, BatchNorm2d)` shortcut, else None."""
+    if type(downsample) is nn.Sequential and len(downsample) == 2 \
+            and not downsample._forward_hooks and not downsample._forward_pre_hooks \
+            and fusable_pair(downsample[0], downsample[1]):
+        return downsample[0], downsample[1]
+    return None
+
+
+def _shortcut(block, x: Tensor) -> Tensor:
+    if block.downsample is None:
+        return x
+    pair = _projection(block.downsample)
+    if pair is None:
+        return block.downsample(x)
+    return conv_bn_act(pair[0], pair[1], x, relu=False)
+
+
+class BasicBlock(tv_resnet.BasicBlock):
+    """torchvision's BasicBlock; forward = two fused conv+BN(+add)+ReLU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not fusable_relu(self.relu):
+            return super().forward(x)
+        out = conv_bn_act(self.conv1, self.bn1, x, relu=True)
+        return conv_bn_act(self.conv2, self.bn2, out, residual=_shortcut(self, x), relu=True)
+
+
+class Bottleneck(tv_resnet.Bottleneck):
+    """torchvision's Bottleneck (v1.5: stride on the 3x3). In eval, conv3 and the projection
+    shortcut run as one fused `bottleneck_tail` (exact once BN is folded into both)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not fusable_relu(self.relu):
+            return super().forward(x)
+        out = conv_bn_act(self.conv1, self.bn1, x, relu=True)
+        out = conv_bn_act(self.conv2, self.bn2, out, relu=True)
+        tail = self._fused_tail_pairs()
+        if tail is not None:
+            (conv3, bn3), (conv_d, bn_d) = tail
+            w3, b3 = folded_conv_bn(conv3, bn3, memory_format_of(out))
+            wd, bd = folded_conv_bn(conv_d, bn_d, memory_format_of(x))
+            return ops.bottleneck_tail(out, w3, x, wd, b3 + bd, stride=conv_d.stride, relu=True)
+        return conv_bn_act(self.conv3, self.bn3, out, residual=_shortcut(self, x), relu=True)
+
+    def _fused_tail_pairs(self):
+        projection = _projection(self.downsample)
+        if projection is None or not fusable_pair(self.conv3, self.bn3):
+            return None
+        conv_d, bn_d = projection
+        if not (uses_running_stats(self.bn3) and uses_running_stats(bn_d)):
+            return None
+        plain_1x1 = all(c.kernel_size == (1, 1) and c.padding == (0, 0) and c.dilation == (1, 1) and c.groups == 1
+                        for c in (self.conv3, conv_d))
+        return ((self.conv3, self.bn3), projection) if plain_1x1 and self.conv3.stride == (1, 1) else None
+
+
+_FASTRES_BLOCK = {tv_resnet.BasicBlock: BasicBlock, tv_resnet.Bottleneck: Bottleneck}
+
+
+class ResNet(tv_resnet.ResNet):
+    """torchvision's ResNet with fused blocks. Same constructor, same state_dict.
+
+    In CPU float32 inference the activations run channels_last internally (oneDNN's
+    fastest layout); the output (N, num_classes) is the same either way.
+    """
+
+    def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int], num_classes: int = 1000,
+                 zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
+                 replace_stride_with_dilation: Optional[List[bool]] = None,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__(_FASTRES_BLOCK.get(block, block), layers, num_classes, zero_init_residual, groups,
+                         width_per_group, replace_stride_with_dilation, norm_layer)
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        if not fusable_relu(self.relu):
+            return super()._forward_impl(x)
+        if self._channels_last_inference(x):
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = conv_bn_act(self.conv1, self.bn1, x, relu=True)
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+    def _channels_last_inference(self, x: Tensor) -> bool:
+        return (not self.training and isinstance(x, Tensor) and x.dim() == 4 and x.device.type == "cpu"
+                and x.dtype == torch.float32 and onednn.AVAILABLE and get_backend() == "auto")
+
+
+def from_torchvision(model: nn.Module) -> ResNet:
+    """A fastres.ResNet with the same configuration, weights, buffers and train/eval state as a
+    torchvision ResNet. The argument is left untouched (the result owns copies of its tensors)."""
+    if not isinstance(model, nn.Module) or type(model) not in (tv_resnet.ResNet, ResNet):
+        raise TypeError(f"model must be a torchvision.models.ResNet (or fastres.ResNet); got {type(model).__name__}")
+    converted = copy.deepcopy(model)
+    # Only exact torchvision classes are swapped: a user subclass keeps its own forward.
+    converted.__class__ = ResNet
+    for module in converted.modules():
+        fast = _FASTRES_BLOCK.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+    return converted
+
+
+# ---- constructors: torchvision's signatures, weights through torchvision's own loader ----
+
+def _set_named_param(kwargs: dict, name: str, value: Any) -> None:
+    if name in kwargs and kwargs[name] != value:
+        raise ValueError(f"The parameter '{name}' expected value {value} but got {kwargs[name]} instead.")
+    kwargs[name] = value
+
+
+def _verify_weights(enum_cls, weights):
+    if weights is None:
+        return None
+    if isinstance(weights, str):
+        try:
+            return enum_cls.verify(weights)
+        except (KeyError, ValueError):
+            names = ["DEFAULT"] + [w.name for w in enum_cls]
+            raise ValueError(f"weights must be None, a {enum_cls.__name__} or one of the names {names}; "
+                             f"got {weights!r}") from None
+    if not isinstance(weights, enum_cls):
+        raise TypeError(f"weights must be None, a {enum_cls.__name__} or its name; got {weights!r}")
+    return weights
+
+
+def _resnet(block, layers, enum_cls, weights, progress: bool, **kwargs: Any) -> ResNet:
+    weights = _verify_weights(enum_cls, weights)
+    if weights is not None:
+        _set_named_param(kwargs, "num_classes", len(weights.meta["categories"]))
+    model = ResNet(block, layers, **kwargs)
+    if weights is not None:
+        model.load_state_dict(weights.get_state_dict(progress=progress, check_hash=True))
+    return model
+
+
+def resnet18(*, weights: Optional[tvm.ResNet18_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-18 (torchvision's `resnet18`)."""
+    return _resnet(BasicBlock, [2, 2, 2, 2], tvm.ResNet18_Weights, weights, progress, **kwargs)
+
+
+def resnet34(*, weights: Optional[tvm.ResNet34_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-34 (torchvision's `resnet34`)."""
+    return _resnet(BasicBlock, [3, 4, 6, 3], tvm.ResNet34_Weights, weights, progress, **kwargs)
+
+
+def resnet50(*, weights: Optional[tvm.ResNet50_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-50 v1.5 (torchvision's `resnet50`)."""
+    return _resnet(Bottleneck, [3, 4, 6, 3], tvm.ResNet50_Weights, weights, progress, **kwargs)
+
+
+def resnet101(*, weights: Optional[tvm.ResNet101_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-101 v1.5 (torchvision's `resnet101`)."""
+    return _resnet(Bottleneck, [3, 4, 23, 3], tvm.ResNet101_Weights, weights, progress, **kwargs)
+
+
+def resnet152(*, weights: Optional[tvm.ResNet152_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-152 v1.5 (torchvision's `resnet152`)."""
+    return _resnet(Bottleneck, [3, 8, 36, 3], tvm.ResNet152_Weights, weights, progress, **kwargs)
+
+
+def _grouped(kwargs: dict, groups: int, width_per_group: int) -> dict:
+    _set_named_param(kwargs, "groups", groups)
+    _set_named_param(kwargs, "width_per_group", width_per_group)
+    return kwargs
+
+
+def resnext50_32x4d(*, weights: Optional[tvm.ResNeXt50_32X4D_Weights] = None, progress: bool = True,
+                    **kwargs: Any) -> ResNet:
+    """ResNeXt-50 32x4d (torchvision's `resnext50_32x4d`)."""
+    return _resnet(Bottleneck, [3, 4, 6, 3], tvm.ResNeXt50_32X4D_Weights, weights, progress,
+                   **_grouped(kwargs, 32, 4))
+
+
+def resnext101_32x8d(*, weights: Optional[tvm.ResNeXt101_32X8D_Weights] = None, progress: bool = True,
+                     **kwargs: Any) -> ResNet:
+    """ResNeXt-101 32x8d (torchvision's `resnext101_32x8d`)."""
+    return _resnet(Bottleneck, [3, 4, 23, 3], tvm.ResNeXt101_32X8D_Weights, weights, progress,
+                   **_grouped(kwargs, 32, 8))
+
+
+def resnext101_64x4d(*, weights: Optional[tvm.ResNeXt101_64X4D_Weights] = None, progress: bool = True,
+                     **kwargs: Any) -> ResNet:
+    """ResNeXt-101 64x4d (torchvision's `resnext101_64x4d`)."""
+    return _resnet(Bottleneck, [3, 4, 23, 3], tvm.ResNeXt101_64X4D_Weights, weights, progress,
+                   **_grouped(kwargs, 64, 4))
+
+
+def wide_resnet50_2(*, weights: Optional[tvm.Wide_ResNet50_2_Weights] = None, progress: bool = True,
+                    **kwargs: Any) -> ResNet:
+    """Wide ResNet-50-2 (torchvision's `wide_resnet50_2`)."""
+    _set_named_param(kwargs, "width_per_group", 64 * 2)
+    return _resnet(Bottleneck, [3, 4, 6, 3], tvm.Wide_ResNet50_2_Weights, weights, progress, **kwargs)
+
+
+def wide_resnet101_2(*, weights: Optional[tvm.Wide_ResNet101_2_Weights] = None, progress: bool = True,
+                     **kwargs: Any) -> ResNet:
+    """Wide ResNet-101-2 (torchvision's `wide_resnet101_2`)."""
+    _set_named_param(kwargs, "width_per_group", 64 * 2)
+    return _resnet(Bottleneck, [3, 4, 23, 3], tvm.Wide_ResNet101_2_Weights, weights, progress, **kwargs)

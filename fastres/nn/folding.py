@@ -1,0 +1,73 @@
+"""Eval-time BatchNorm folding with a cache that can never serve stale weights.
+
+The folded (weight, bias) of a conv+BN pair are cached per conv module and keyed on
+every input tensor's identity, storage, version counter, dtype and device plus BN's
+eps. Any in-place edit (optimizer step, load_state_dict's copy_, running-stat update),
+any replacement (`.to()`, `.half()`, `param.data = ...`) or eps change gives a new key,
+so the next forward refolds. When gradients must flow to the conv or BN parameters
+(eval-mode fine-tuning with frozen statistics) the fold is recomputed inside autograd.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import fold_bn
+
+_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def _tensor_key(t: Optional[torch.Tensor]):
+    if t is None:
+        return None
+    return (id(t), t.data_ptr(), t._version, t.dtype, t.device, t.shape)
+
+
+def _inputs(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm):
+    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+
+def _cacheable(tensors) -> bool:
+    if torch.compiler.is_compiling():
+        return False  # traced graphs fold once at trace time; version counters are not traceable
+    present = [t for t in tensors if t is not None]
+    if any(t.is_inference() for t in present):
+        return False  # inference tensors have no version counter to watch
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+
+
+def folded_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm,
+                   memory_format: torch.memory_format = torch.contiguous_format):
+    """(weight, bias) of conv followed by eval-mode bn, in the conv weight's dtype and `memory_format`."""
+    tensors = _inputs(conv, bn)
+    if not _cacheable(tensors):
+        return _fold(conv, bn, memory_format)
+    key = (tuple(_tensor_key(t) for t in tensors), float(bn.eps))
+    entry = _cache.get(conv)
+    if entry is None or entry[0] != key:
+        entry = (key, {})
+        with _lock:
+            _cache[conv] = entry
+    variants = entry[1]
+    folded = variants.get(memory_format)
+    if folded is None:
+        with torch.no_grad():
+            folded = variants[memory_format] = _fold(conv, bn, memory_format)
+    return folded
+
+
+def _fold(conv, bn, memory_format):
+    weight, bias = fold_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    dtype = conv.weight.dtype
+    return weight.to(dtype).contiguous(memory_format=memory_format), bias.to(dtype)
+
+
+def clear_fold_cache() -> None:
+    """Drop every cached fold (they are rebuilt on the next eval forward)."""
+    with _lock:
+        _cache.clear()

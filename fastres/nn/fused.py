@@ -1,0 +1,91 @@
+"""conv+BN(+add)(+ReLU) over real nn.Conv2d / nn.BatchNorm2d modules, on the fused ops.
+
+The blocks keep torchvision's submodules (so state_dict keys, load_state_dict, hooks,
+SyncBatchNorm conversion and IntermediateLayerGetter keep working) and call these
+functions instead of the modules. Whatever the fused path cannot honour exactly -- a
+hook on a submodule, another norm layer, a non-zero padding mode, a replaced ReLU --
+runs the modules themselves, so behaviour stays torchvision's.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import ops
+from .folding import folded_conv_bn
+
+_global_hook_dicts = [
+    getattr(nn.modules.module, name, {})
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+]
+_module_hook_attrs = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _module_hook_attrs)
+
+
+def _no_global_hooks() -> bool:
+    return not any(_global_hook_dicts)
+
+
+def fusable_conv(conv: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and not has_hooks(conv))
+
+
+def fusable_bn(bn: nn.Module) -> bool:
+    # SyncBatchNorm and other norms are not BatchNorm2d: they run as modules.
+    return (isinstance(bn, nn.BatchNorm2d) and type(bn).forward is _BatchNorm.forward and not has_hooks(bn))
+
+
+def fusable_relu(relu: nn.Module) -> bool:
+    return type(relu) is nn.ReLU and not has_hooks(relu)
+
+
+def fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
+    return fusable_conv(conv) and fusable_bn(bn) and _no_global_hooks()
+
+
+def uses_running_stats(bn: _BatchNorm) -> bool:
+    return not bn.training and bn.running_mean is not None and bn.running_var is not None
+
+
+def batch_norm_act(bn: _BatchNorm, y: torch.Tensor, *, residual: Optional[torch.Tensor] = None,
+                   relu: bool = True) -> torch.Tensor:
+    """bn(y) (+ residual) (+ ReLU) with nn.BatchNorm2d's exact semantics, buffers included."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average, as torch does it
+            factor = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or bn.running_mean is None
+    track = not bn.training or bn.track_running_stats
+    return ops.batch_norm_act(
+        y, bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
+        training=use_batch_stats, momentum=factor, eps=bn.eps, residual=residual, relu=relu)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_bn_act(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, *, residual: Optional[torch.Tensor] = None,
+                relu: bool = True) -> torch.Tensor:
+    """relu(bn(conv(x)) + residual): folded into one fused conv in eval, BN on batch statistics in training."""
+    if not fusable_pair(conv, bn):
+        y = bn(conv(x))
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+    if uses_running_stats(bn):
+        weight, bias = folded_conv_bn(conv, bn, memory_format_of(x))
+        return ops.conv2d_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                              residual=residual, relu=relu)
+    return batch_norm_act(bn, conv(x), residual=residual, relu=relu)

@@ -1,0 +1,12 @@
+"""Functional fused ops (DESIGN.md section 2) and the backend switch.
+
+Kernel developers: the reference chain of each op is in `reference.py`; the CPU fast
+path in `onednn.py`; argument checks in `checks.py`; dispatch in `functional.py`.
+"""
+from .backend import available_backends, get_backend, set_backend, use_backend
+from .functional import add_relu, batch_norm_act, bottleneck_tail, conv2d_act, fold_bn
+
+__all__ = [
+    "add_relu", "batch_norm_act", "bottleneck_tail", "conv2d_act", "fold_bn",
+    "available_backends", "get_backend", "set_backend", "use_backend",
+]

@@ -1,0 +1,91 @@
+"""Argument checks shared by the public ops: clear errors instead of crashes or wrong numbers."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+IntPair = Union[int, Sequence[int]]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(value: object, name: str, *, ndim: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got shape {tuple(value.shape)}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64); got {value.dtype}")
+    return value
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    # Under autocast the convolution casts its operands itself, so mixed dtypes are fine.
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def same_place(value: torch.Tensor, name: str, like: torch.Tensor, like_name: str, *, dtype: bool = True) -> None:
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but {like_name} is on {like.device}; expected the same device")
+    if dtype and value.dtype != like.dtype and not _autocast_enabled(like.device.type):
+        raise TypeError(f"{name} has dtype {value.dtype} but {like_name} has {like.dtype}; expected the same dtype")
+
+
+def per_channel(value: object, name: str, channels: int, like: torch.Tensor, like_name: str) -> Optional[torch.Tensor]:
+    """An optional 1-D tensor with one value per channel (bias, BN parameters and buffers)."""
+    if value is None:
+        return None
+    tensor(value, name, ndim=1)
+    if value.numel() != channels:
+        raise ValueError(f"{name} must have {channels} elements (one per channel); got {value.numel()}")
+    same_place(value, name, like, like_name, dtype=False)
+    return value
+
+
+def pair(value: IntPair, name: str, *, minimum: int) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints; got a bool")
+    if isinstance(value, int):
+        value = (value, value)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints; got {type(value).__name__}") from None
+    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{name} must be an int or a pair of ints; got {value!r}")
+    if min(items) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
+    return items  # type: ignore[return-value]
+
+
+def flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return value
+
+
+def residual(value: object, expected_shape: Sequence[int], like: torch.Tensor) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    tensor(value, "residual")
+    if tuple(value.shape) != tuple(expected_shape):
+        raise ValueError(f"residual must have the output's shape {tuple(expected_shape)}; got {tuple(value.shape)}")
+    same_place(value, "residual", like, "x")
+    return value
+
+
+def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int, int, int]:
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(
+            f"x of spatial size {h}x{w} is too small for a {kh}x{kw} kernel with stride {stride}, "
+            f"padding {padding} and dilation {dilation}"
+        )
+    return n, weight.shape[0], out_h, out_w

@@ -1,0 +1,53 @@
+"""The "torch" backend: each fused op written as the plain PyTorch chain it replaces.
+
+This is the numerical reference for every fast path, the fallback for anything a fast
+path does not cover, and autograd-complete by construction. Arguments are already checked.
+In-place epilogues act on a freshly made tensor only, so they never touch caller data and
+autograd stays valid (convolution's backward does not need its output).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def epilogue_(y: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """y += residual; relu(y) -- in place on a tensor this module just produced."""
+    if residual is not None:
+        y = y.add_(residual)
+    return torch.relu_(y) if relu else y
+
+
+def conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return epilogue_(y, residual, relu)
+
+
+def batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu):
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return epilogue_(y, residual, relu)
+
+
+def add_relu(x, residual):
+    return torch.relu_(x + residual)
+
+
+def bottleneck_tail(h, w3, x, wd, bias, stride, relu):
+    shortcut = F.conv2d(x, wd, None, stride)
+    return conv2d_act(h, w3, bias, 1, 0, 1, 1, shortcut, relu)
+
+
+def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    # Fold in at least fp32 so fp16/bf16 models do not lose the scale's precision.
+    dtype = torch.promote_types(conv_weight.dtype, torch.float32)
+    inv_std = torch.rsqrt(running_var.to(dtype) + eps)
+    scale = inv_std if bn_weight is None else bn_weight.to(dtype) * inv_std
+    shift = -running_mean.to(dtype) * scale
+    if conv_bias is not None:
+        shift = shift + conv_bias.to(dtype) * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(dtype)
+    weight = conv_weight.to(dtype) * scale.reshape(-1, 1, 1, 1)
+    return weight, shift

@@ -1,0 +1,54 @@
+"""Builds fastres and its compiled extension fastres._C (C++ CPU kernels, CUDA kernels when possible).
+
+Environment:
+  FASTRES_SKIP_EXT=1     build no extension (fastres then runs on the "torch" backend)
+  FASTRES_SKIP_CUDA=1    build the CPU kernels only
+  TORCH_CUDA_ARCH_LIST   CUDA architectures (default "8.0;9.0"; no GPU is needed to compile)
+  MAX_JOBS               parallel compile jobs (ninja)
+Install with `pip install --no-build-isolation -e .` after torch: the build imports torch.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def _extensions():
+    if os.environ.get("FASTRES_SKIP_EXT") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("fastres: torch is not importable at build time; building without fastres._C "
+              "(install torch first and use --no-build-isolation)", file=sys.stderr)
+        return [], {}
+
+    cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cuda_sources = _sources("csrc/cuda/*.cu")
+    use_cuda = (bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+                and os.environ.get("FASTRES_SKIP_CUDA") != "1")
+    cxx_flags = ["-O3"]
+    define_macros = []
+    if use_cuda:
+        # Compiling needs no GPU; without one torch cannot guess the architectures.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        define_macros.append(("FASTRES_WITH_CUDA", None))
+        extension = cpp_extension.CUDAExtension(
+            "fastres._C", cpp_sources + cuda_sources, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]})
+    else:
+        extension = cpp_extension.CppExtension("fastres._C", cpp_sources, define_macros=define_macros,
+                                               extra_compile_args={"cxx": cxx_flags})
+    return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,41 @@
+"""Float64 references and per-dtype tolerances shared by the op tests."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Relative to the reference's largest magnitude: fp32 accumulates in fp32, half types
+# round every stored value to 8 (bf16) or 11 (fp16) bits.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None, what: str = "") -> None:
+    dtype = dtype or actual.dtype
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    error = (actual.double() - expected.double()).abs().max().item()
+    scale = max(expected.double().abs().max().item(), 1e-6)
+    assert error <= TOLERANCE[dtype] * scale, f"{what}: max error {error:.3g} > {TOLERANCE[dtype]:.1g} x {scale:.3g}"
+
+
+def conv2d_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, residual=None, relu=True):
+    y = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), stride, padding, dilation,
+                 groups)
+    if residual is not None:
+        y = y + residual.double()
+    return torch.relu(y) if relu else y
+
+
+def bottleneck_tail(h, w3, x, wd, bias, stride, relu):
+    shortcut = F.conv2d(x.double()[:, :, ::stride, ::stride], wd.double())
+    return conv2d_act(h, w3, bias, residual=shortcut, relu=relu)
+
+
+def random_bn_state(channels: int, generator: torch.Generator, dtype=torch.float32):
+    """(weight, bias, running_mean, running_var), never the defaults."""
+    def uniform(low, high):
+        return (torch.rand(channels, generator=generator, dtype=torch.float64) * (high - low) + low).to(dtype)
+    weight, var = uniform(0.5, 1.5), uniform(0.5, 2.0)
+    bias = (torch.randn(channels, generator=generator, dtype=torch.float64) * 0.1).to(dtype)
+    mean = (torch.randn(channels, generator=generator, dtype=torch.float64) * 0.1).to(dtype)
+    return weight, bias, mean, var
