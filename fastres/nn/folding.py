@@ -56,7 +56,8 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm,
     variants = entry[1]
     folded = variants.get(memory_format)
     if folded is None:
-        with torch.no_grad():
+        # Normal (not inference-mode) tensors, so their version counters can key later caches.
+        with torch.inference_mode(False), torch.no_grad():
             folded = variants[memory_format] = _fold(conv, bn, memory_format)
     return folded
 

@@ -1,0 +1,58 @@
+"""What a benchmark record must say about where it ran."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+import torch
+
+import fastres
+
+
+def _git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _nvidia_driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout
+        return out.strip().splitlines()[0] if out.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def describe(device: torch.device) -> dict:
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
+                                                                                     platform.machine()),
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "fastres": fastres.__version__,
+        "fastres_commit": _git_commit(),
+        "backend": fastres.get_backend(),
+        "extension_loaded": fastres.extension_loaded(),
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        import torchvision
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        info["torchvision"] = None
+    if device.type == "cuda":
+        info["driver"] = _nvidia_driver()
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
