@@ -17,6 +17,7 @@ from torchvision.models import resnet as tv_resnet
 
 from .. import ops
 from ..nn import conv_bn_act, folded_conv_bn, fusable_pair, fusable_relu, memory_format_of, uses_running_stats
+from ..nn.folding import invalidate_all
 from ..ops import onednn
 from ..ops.backend import get_backend
 
@@ -45,7 +46,20 @@ def _shortcut(block, x: Tensor) -> Tensor:
     return conv_bn_act(pair[0], pair[1], x, relu=False)
 
 
-class BasicBlock(tv_resnet.BasicBlock):
+class _InvalidatesFolds:
+    """Mode switches and conversions of a fastres module make cached folds stale: training
+    forwards change running statistics, `.to()`/`.half()` replace every tensor."""
+
+    def train(self, mode: bool = True):
+        invalidate_all()
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        invalidate_all()
+        return super()._apply(*args, **kwargs)
+
+
+class BasicBlock(_InvalidatesFolds, tv_resnet.BasicBlock):
     """torchvision's BasicBlock; forward = two fused conv+BN(+add)+ReLU."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -55,7 +69,7 @@ class BasicBlock(tv_resnet.BasicBlock):
         return conv_bn_act(self.conv2, self.bn2, out, residual=_shortcut(self, x), relu=True)
 
 
-class Bottleneck(tv_resnet.Bottleneck):
+class Bottleneck(_InvalidatesFolds, tv_resnet.Bottleneck):
     """torchvision's Bottleneck (v1.5: stride on the 3x3). In eval, conv3 and the projection
     shortcut run as one fused `bottleneck_tail` (exact once BN is folded into both)."""
 
@@ -87,7 +101,7 @@ class Bottleneck(tv_resnet.Bottleneck):
 _FASTRES_BLOCK = {tv_resnet.BasicBlock: BasicBlock, tv_resnet.Bottleneck: Bottleneck}
 
 
-class ResNet(tv_resnet.ResNet):
+class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
     """torchvision's ResNet with fused blocks. Same constructor, same state_dict.
 
     In CPU float32 inference the activations run channels_last internally (oneDNN's

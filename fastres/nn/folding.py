@@ -1,25 +1,52 @@
-"""Eval-time BatchNorm folding with a cache that can never serve stale weights.
+"""Eval-time BatchNorm folding with a cache that must never serve stale weights.
 
 The folded (weight, bias) of a conv+BN pair are cached per conv module and keyed on
-every input tensor's identity, storage, version counter, dtype and device plus BN's
-eps. Any in-place edit (optimizer step, load_state_dict's copy_, running-stat update),
-any replacement (`.to()`, `.half()`, `param.data = ...`) or eps change gives a new key,
-so the next forward refolds. When gradients must flow to the conv or BN parameters
-(eval-mode fine-tuning with frozen statistics) the fold is recomputed inside autograd.
+every input tensor's identity, storage, version counter, dtype and device, BN's eps,
+and a global generation. Version counters see in-place edits made through autograd-
+visible ops (`copy_` in load_state_dict, `mul_` under no_grad, non-fused optimizers);
+replacements (`.to()`, `.half()`, `param.data = t`) change the storage. Three updates
+bypass version counters, so they bump the generation instead: optimizer steps (fused
+optimizers write parameters without a version bump; a global step hook catches every
+optimizer), BatchNorm's running-statistic update (done inside the kernel: fastres's
+training BN path and train()/eval() switches of fastres modules bump the generation), and
+module conversions. The entry keeps the folded-from tensors alive, so a freed storage
+cannot come back at the same address and fake a match.
+
+Not detectable: in-place edits through `.data` (PyTorch gives `.data` a fresh version
+counter). After such edits call `clear_fold_cache()`, or set FASTRES_FOLD_CACHE=0 to fold
+on every forward. When gradients must flow to the conv or BN parameters (eval-mode
+fine-tuning with frozen statistics) the fold is recomputed inside autograd every call.
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..ops import fold_bn
 
 _cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_generation = 0
+_enabled = os.environ.get("FASTRES_FOLD_CACHE", "1") != "0"
+
+
+def invalidate_all() -> None:
+    """Make every cached fold stale (cheap: entries are rebuilt lazily on their next use)."""
+    global _generation
+    _generation += 1
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    invalidate_all()
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def _tensor_key(t: Optional[torch.Tensor]):
@@ -33,7 +60,7 @@ def _inputs(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm):
 
 
 def _cacheable(tensors) -> bool:
-    if torch.compiler.is_compiling():
+    if not _enabled or torch.compiler.is_compiling():
         return False  # traced graphs fold once at trace time; version counters are not traceable
     present = [t for t in tensors if t is not None]
     if any(t.is_inference() for t in present):
@@ -47,10 +74,11 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm,
     tensors = _inputs(conv, bn)
     if not _cacheable(tensors):
         return _fold(conv, bn, memory_format)
-    key = (tuple(_tensor_key(t) for t in tensors), float(bn.eps))
+    key = (_generation, tuple(_tensor_key(t) for t in tensors), float(bn.eps))
     entry = _cache.get(conv)
     if entry is None or entry[0] != key:
-        entry = (key, {})
+        # Holding the source tensors keeps their storage (and so their address) from being reused.
+        entry = (key, {}, tuple(t.detach() for t in tensors if t is not None))
         with _lock:
             _cache[conv] = entry
     variants = entry[1]
@@ -72,3 +100,4 @@ def clear_fold_cache() -> None:
     """Drop every cached fold (they are rebuilt on the next eval forward)."""
     with _lock:
         _cache.clear()
+    invalidate_all()

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import ops
-from .folding import folded_conv_bn
+from .folding import folded_conv_bn, invalidate_all
 
 _global_hook_dicts = [
     getattr(nn.modules.module, name, {})
@@ -65,9 +65,14 @@ def batch_norm_act(bn: _BatchNorm, y: torch.Tensor, *, residual: Optional[torch.
             factor = 1.0 / float(bn.num_batches_tracked)
     use_batch_stats = bn.training or bn.running_mean is None
     track = not bn.training or bn.track_running_stats
-    return ops.batch_norm_act(
+    out = ops.batch_norm_act(
         y, bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
         training=use_batch_stats, momentum=factor, eps=bn.eps, residual=residual, relu=relu)
+    if use_batch_stats and track and bn.running_mean is not None:
+        # The kernels update the running buffers without bumping their version counters (and
+        # bumping them would trip autograd, which saved them): make cached folds stale instead.
+        invalidate_all()
+    return out
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
