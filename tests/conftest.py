@@ -14,6 +14,15 @@ Numerics used throughout:
 """
 from __future__ import annotations
 
+import os
+
+import torch as _torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The switch is
+# read when the kernels are defined, so it must be set before fastres imports them.
+if not _torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import copy
 from typing import Dict, Iterable, Optional
 

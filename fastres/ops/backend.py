@@ -16,7 +16,7 @@ KNOWN_BACKENDS = ("auto", "torch", "triton", "cpp")
 # Fast paths register themselves here when importable (see fastres/ops/__init__.py).
 _AVAILABLE: dict[str, bool] = {"auto": True, "torch": True, "triton": False, "cpp": False}
 _WHY_UNAVAILABLE: dict[str, str] = {
-    "triton": "the Triton kernels are not implemented in this version of fastres",
+    "triton": "triton is not usable here",
     "cpp": "the compiled extension fastres._C is not loaded",
 }
 

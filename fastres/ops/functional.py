@@ -10,12 +10,39 @@ from typing import Optional
 
 import torch
 
-from . import checks, compiled, onednn, reference
+from . import checks, compiled, onednn, reference, registry
 from .backend import get_backend
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _fast_cpu(x, weight, residual) -> bool:
     return get_backend() == "auto" and onednn.applies(x, weight, residual)
+
+
+def _triton(x: torch.Tensor) -> bool:
+    """Backend "triton" was chosen and its kernels cover x's device and dtype (else: the reference)."""
+    if get_backend() != "triton" or x.dtype not in TRITON_DTYPES and not _autocast_dtype(x):
+        return False
+    return x.device.type == "cuda" or (x.device.type == "cpu" and registry.TRITON_AVAILABLE)
+
+
+def _autocast_dtype(x: torch.Tensor):
+    """The dtype autocast would run a convolution in, or None (custom ops are not autocast by torch)."""
+    try:
+        enabled = torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4
+        enabled = torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype(x.device.type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if x.is_cuda else torch.get_autocast_cpu_dtype()
+
+
+def _cast(dtype, *tensors):
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
 def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5):
@@ -60,6 +87,10 @@ def conv2d_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     checks.per_channel(bias, "bias", weight.shape[0], x, "x")
     checks.flag(relu, "relu")
     checks.residual(residual, checks.conv_output_shape(x, weight, stride, padding, dilation), x)
+    if _triton(x):
+        x, weight, bias, residual = _cast(_autocast_dtype(x) or x.dtype, x, weight, bias, residual)
+        return registry.triton_conv2d_act(x, weight, bias, list(stride), list(padding), list(dilation), groups,
+                                          residual, relu)
     impl = onednn if _fast_cpu(x, weight, residual) else reference
     return impl.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
 
@@ -89,6 +120,10 @@ def batch_norm_act(x, weight, bias, running_mean, running_var, *, training: bool
     if training and x.numel() > 0 and x.numel() // channels <= 1:
         raise ValueError(f"x of shape {tuple(x.shape)} has one value per channel; training BatchNorm needs more than one")
     checks.residual(residual, x.shape, x)
+    if _triton(x) and x.numel() > 0:
+        (residual,) = _cast(x.dtype, residual)
+        return registry.batch_norm_act(x, weight, bias, running_mean, running_var, residual, training,
+                                       float(momentum), float(eps), relu)
     return reference.batch_norm_act(x, weight, bias, running_mean, running_var, training, float(momentum),
                                     float(eps), residual, relu)
 
@@ -99,6 +134,8 @@ def add_relu(x, residual):
     if residual is None:
         raise TypeError("residual must be a torch.Tensor; got None")
     checks.residual(residual, x.shape, x)
+    if _triton(x):
+        return registry.triton_add_relu(x, residual)
     if get_backend() == "cpp" and compiled.add_relu_applies(x, residual):
         return compiled.add_relu(x, residual)
     return reference.add_relu(x, residual)
@@ -129,5 +166,8 @@ def bottleneck_tail(h, w3, x, wd, bias=None, *, stride=1, relu: bool = True):
                          f"{(h.shape[0],) + tuple(h.shape[2:])}; expected them equal")
     checks.per_channel(bias, "bias", w3.shape[0], h, "h")
     checks.flag(relu, "relu")
+    if _triton(h):
+        h, w3, x, wd, bias = _cast(_autocast_dtype(h) or h.dtype, h, w3, x, wd, bias)
+        return registry.triton_bottleneck_tail(h, w3, x, wd, bias, list(stride), relu)
     impl = onednn if _fast_cpu(h, w3, None) and onednn.applies(x, wd, None) else reference
     return impl.bottleneck_tail(h, w3, x, wd, bias, stride, relu)

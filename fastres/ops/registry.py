@@ -1,0 +1,282 @@
+"""The one place where fastres's fast-path kernels become PyTorch operators.
+
+Each Triton launcher is wrapped in `torch.library.custom_op` (namespace `fastres`) with a
+fake implementation (shapes, dtypes and memory formats only, for torch.compile and
+torch.export) and its autograd formula. Convolution gradients use PyTorch's own
+convolution backward; BatchNorm and ReLU gradients are fused Triton kernels.
+
+The kernels are imported lazily: `triton` is optional at import time, and on a machine
+without a GPU the kernels only run under `TRITON_INTERPRET=1`.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+LIB = "fastres"
+
+
+def _probe_triton() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return False, f"triton is not installed ({error})"
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, "no CUDA device (set TRITON_INTERPRET=1 before importing fastres to run the kernels on CPU)"
+
+
+# Probed once: a plain constant is free to read on every call and under torch.compile.
+TRITON_AVAILABLE, _TRITON_WHY_NOT = _probe_triton()
+
+
+def triton_status() -> tuple[bool, str]:
+    """(available, why not) for the Triton backend in this process."""
+    return TRITON_AVAILABLE, _TRITON_WHY_NOT
+
+
+def _kernels():
+    from ..kernels.triton import add_relu, batch_norm, conv
+    return conv, batch_norm, add_relu
+
+
+def _format_of(t: Tensor) -> torch.memory_format:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _empty_like_format(t: Tensor, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> Tensor:
+    return torch.empty(shape, dtype=dtype or t.dtype, device=t.device, memory_format=_format_of(t))
+
+
+def _conv_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> List[int]:
+    n, _, h, w = x.shape
+    r, s = weight.shape[2:]
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return [n, weight.shape[0], p, q]
+
+
+def _relu_mask(grad: Tensor, y: Tensor, relu: bool) -> Tensor:
+    return triton_relu_backward(grad, y) if relu else grad
+
+
+# Backward formulas are traced by torch.compile, so every kernel they launch is an operator too.
+@torch.library.custom_op(f"{LIB}::triton_relu_backward", mutates_args=())
+def triton_relu_backward(grad: Tensor, y: Tensor) -> Tensor:
+    """grad where y > 0, else 0."""
+    return _kernels()[2].relu_backward(grad, y)
+
+
+@triton_relu_backward.register_fake
+def _(grad, y):
+    return _empty_like_format(y, y.shape)
+
+
+def _conv_grads(g: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
+                needs_x: bool, needs_w: bool):
+    if not (needs_x or needs_w):
+        return None, None
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        g, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        [needs_x, needs_w, False])
+    return dx, dw
+
+
+# ---------------------------------------------------------------- conv2d + epilogue
+
+@torch.library.custom_op(f"{LIB}::triton_conv2d_act", mutates_args=())
+def triton_conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+                      dilation: List[int], groups: int, residual: Optional[Tensor], relu: bool) -> Tensor:
+    return _kernels()[0].conv2d_act(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
+                                    residual, relu)
+
+
+@triton_conv2d_act.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    return _empty_like_format(x, _conv_shape(x, weight, stride, padding, dilation))
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, residual, relu = inputs
+    ctx.save_for_backward(x, weight, output if relu else None)
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.relu, ctx.has_bias, ctx.has_residual = relu, bias is not None, residual is not None
+
+
+def _conv_backward(ctx, grad):
+    x, weight, y = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    g = _relu_mask(grad, y, ctx.relu)
+    needs = ctx.needs_input_grad
+    dx, dw = _conv_grads(g, x, weight, stride, padding, dilation, groups, needs[0], needs[1])
+    dbias = g.sum((0, 2, 3), dtype=torch.float32).to(g.dtype) if ctx.has_bias and needs[2] else None
+    dres = g if ctx.has_residual and needs[7] else None
+    return dx, dw, dbias, None, None, None, None, dres, None
+
+
+triton_conv2d_act.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# ---------------------------------------------------------------- bottleneck tail
+
+@torch.library.custom_op(f"{LIB}::triton_bottleneck_tail", mutates_args=())
+def triton_bottleneck_tail(h: Tensor, w3: Tensor, x: Tensor, wd: Tensor, bias: Optional[Tensor], stride: List[int],
+                           relu: bool) -> Tensor:
+    return _kernels()[0].conv2d_act(h, w3, bias, (1, 1), (0, 0), (1, 1), 1, None, relu,
+                                    second=(x, wd, tuple(stride)))
+
+
+@triton_bottleneck_tail.register_fake
+def _(h, w3, x, wd, bias, stride, relu):
+    return _empty_like_format(h, [h.shape[0], w3.shape[0], h.shape[2], h.shape[3]])
+
+
+def _tail_setup(ctx, inputs, output):
+    h, w3, x, wd, bias, stride, relu = inputs
+    ctx.save_for_backward(h, w3, x, wd, output if relu else None)
+    ctx.stride, ctx.relu, ctx.has_bias = stride, relu, bias is not None
+
+
+def _tail_backward(ctx, grad):
+    h, w3, x, wd, y = ctx.saved_tensors
+    g = _relu_mask(grad, y, ctx.relu)
+    needs = ctx.needs_input_grad
+    dh, dw3 = _conv_grads(g, h, w3, (1, 1), (0, 0), (1, 1), 1, needs[0], needs[1])
+    dx, dwd = _conv_grads(g, x, wd, ctx.stride, (0, 0), (1, 1), 1, needs[2], needs[3])
+    dbias = g.sum((0, 2, 3), dtype=torch.float32).to(g.dtype) if ctx.has_bias and needs[4] else None
+    return dh, dw3, dx, dwd, dbias, None, None
+
+
+triton_bottleneck_tail.register_autograd(_tail_backward, setup_context=_tail_setup)
+
+
+# ---------------------------------------------------------------- batch norm + residual + ReLU
+
+def _scale_shift(weight, bias, mean, invstd):
+    scale = invstd * weight.float() if weight is not None else invstd
+    shift = -mean * scale
+    return scale, shift + bias.float() if bias is not None else shift
+
+
+# Two operators, because an operator that mutates (the running statistics) cannot carry an
+# autograd formula: the statistics op updates the buffers and has no gradient of its own;
+# the apply op takes (mean, invstd) as inputs and its backward is BatchNorm's full gradient
+# (in training it accounts for the statistics' dependence on x).
+@torch.library.custom_op(f"{LIB}::triton_batch_norm_stats", mutates_args=("running_mean", "running_var"))
+def triton_batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                            momentum: float, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, invstd) of the batch in fp32; updates the running buffers in place (no host sync)."""
+    _, bn, _ = _kernels()
+    x = x if bn.collapsible(x) else x.contiguous(memory_format=_format_of(x))
+    mean, invstd, _, _ = bn.batch_statistics(x, None, None, running_mean, running_var, momentum, eps)
+    return mean, invstd
+
+
+@triton_batch_norm_stats.register_fake
+def _(x, running_mean, running_var, momentum, eps):
+    stats = x.new_empty((x.shape[1],), dtype=torch.float32)
+    return stats, stats.clone()
+
+
+@torch.library.custom_op(f"{LIB}::triton_batch_norm_apply", mutates_args=())
+def triton_batch_norm_apply(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                            invstd: Tensor, residual: Optional[Tensor], training: bool, relu: bool) -> Tensor:
+    """relu((x - mean) * invstd * weight + bias + residual) in x's dtype and memory format."""
+    _, bn, _ = _kernels()
+    fmt = _format_of(x)
+    x = x if bn.collapsible(x) else x.contiguous(memory_format=fmt)
+    if residual is not None and not bn.collapsible(residual):
+        residual = residual.contiguous(memory_format=fmt)
+    scale, shift = _scale_shift(weight, bias, mean, invstd)
+    return bn.scale_shift_act(x, scale, shift, residual, relu)
+
+
+@triton_batch_norm_apply.register_fake
+def _(x, weight, bias, mean, invstd, residual, training, relu):
+    return _empty_like_format(x, x.shape)
+
+
+def batch_norm_act(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu):
+    """BatchNorm (+ residual) (+ ReLU) on the Triton kernels; autograd through the apply op."""
+    if training:
+        mean, invstd = triton_batch_norm_stats(x.detach(), running_mean, running_var, momentum, eps)
+    else:
+        mean, invstd = running_mean.float(), torch.rsqrt(running_var.float() + eps)
+    return triton_batch_norm_apply(x, weight, bias, mean, invstd, residual, training, relu)
+
+
+@torch.library.custom_op(f"{LIB}::triton_batch_norm_act_backward", mutates_args=())
+def triton_batch_norm_act_backward(grad: Tensor, y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
+                                   invstd: Tensor, training: bool, relu: bool, need_residual_grad: bool,
+                                   need_param_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _, bn, _ = _kernels()
+    scale = invstd * weight.float() if weight is not None else invstd
+    fmt = _format_of(x)
+    grad = grad if bn.collapsible(grad) else grad.contiguous(memory_format=fmt)
+    x = x if bn.collapsible(x) else x.contiguous(memory_format=fmt)
+    dx, dres, dweight, dbias = bn.backward(grad, y, x, mean, invstd, scale, relu=relu, training=training,
+                                           need_dres=need_residual_grad, need_param_grads=need_param_grads)
+    # Unused outputs come back as empty tensors: custom ops cannot return None.
+    return dx, dres if dres is not None else x.new_empty(0), dweight, dbias
+
+
+@triton_batch_norm_act_backward.register_fake
+def _(grad, y, x, weight, mean, invstd, training, relu, need_residual_grad, need_param_grads):
+    channels = x.shape[1]
+    dres = _empty_like_format(x, x.shape) if need_residual_grad else x.new_empty(0)
+    return (_empty_like_format(x, x.shape), dres, x.new_empty((channels,), dtype=torch.float32),
+            x.new_empty((channels,), dtype=torch.float32))
+
+
+def _bn_setup(ctx, inputs, output):
+    x, weight, bias, mean, invstd, residual, training, relu = inputs
+    ctx.save_for_backward(x, weight, output, mean, invstd)
+    ctx.training, ctx.relu = training, relu
+    ctx.has_residual, ctx.has_weight, ctx.has_bias = residual is not None, weight is not None, bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _bn_backward(ctx, grad):
+    x, weight, y, mean, invstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    need_res = ctx.has_residual and needs[5]
+    need_params = (ctx.has_weight and needs[1]) or (ctx.has_bias and needs[2])
+    dx, dres, dweight, dbias = triton_batch_norm_act_backward(grad, y, x, weight, mean, invstd, ctx.training,
+                                                              ctx.relu, need_res, need_params)
+    return (dx if needs[0] else None,
+            dweight.to(weight.dtype) if ctx.has_weight and needs[1] else None,
+            dbias.to(ctx.bias_dtype) if ctx.has_bias and needs[2] else None,
+            None, None, dres if need_res else None, None, None)
+
+
+triton_batch_norm_apply.register_autograd(_bn_backward, setup_context=_bn_setup)
+
+
+# ---------------------------------------------------------------- add + ReLU
+
+@torch.library.custom_op(f"{LIB}::triton_add_relu", mutates_args=())
+def triton_add_relu(x: Tensor, residual: Tensor) -> Tensor:
+    return _kernels()[2].add_relu(x, residual)
+
+
+@triton_add_relu.register_fake
+def _(x, residual):
+    return _empty_like_format(x, x.shape)
+
+
+def _add_relu_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _add_relu_backward(ctx, grad):
+    (y,) = ctx.saved_tensors
+    g = _relu_mask(grad, y, True)
+    return g, g
+
+
+triton_add_relu.register_autograd(_add_relu_backward, setup_context=_add_relu_setup)
