@@ -234,14 +234,13 @@ def test_resnet18_train_step_on_triton_matches_torchvision():
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_compile_fullgraph_on_triton_backend(train):
-    torch.manual_seed(0)
-    block = fastres.Bottleneck(16, 4, stride=2, downsample=torch.nn.Sequential(
-        torch.nn.Conv2d(16, 16, 1, stride=2, bias=False), torch.nn.BatchNorm2d(16))).to(DEVICE).train(train)
-    x = _randn(2, 16, 9, 7, seed=2, layout="channels_last")
+def test_compile_fullgraph_of_a_model_on_triton_backend(train):
+    """The whole ResNet traces into one graph: every Triton launch is a registered operator."""
+    tv, fr = _twins()
+    fr.train(train)
+    x = _randn(2, 3, 32, 32, seed=2, layout="channels_last")
     with fastres.use_backend("triton"):
-        expected = block(x)
+        expected = copy.deepcopy(fr)(x)
         torch._dynamo.reset()
-        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-        got = compiled(x)
+        got = torch.compile(fr, fullgraph=True, backend="aot_eager")(x)
     assert_close(got.detach(), expected.detach(), torch.float32, "compiled")
