@@ -28,10 +28,22 @@ def _nvidia_driver() -> str:
         return "unknown"
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def describe(device: torch.device) -> dict:
     info = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
-                                                                                     platform.machine()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
         "device_type": device.type,
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -19,17 +19,23 @@ class Timing:
         return statistics.median(self.seconds)
 
     @property
+    def mean(self) -> float:
+        return statistics.fmean(self.seconds)
+
+    @property
     def spread(self) -> float:
         """Standard deviation across rounds (0 for a single round)."""
         return statistics.stdev(self.seconds) if len(self.seconds) > 1 else 0.0
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call: CUDA events around it on a GPU (the call's own queue time is not
+    counted, the kernels are), wall clock on a CPU."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -59,9 +65,9 @@ def time_round_robin(candidates: Dict[str, Callable[[], object]], device: torch.
         for name, fn in candidates.items():
             for _ in range(warmup if block == 0 else 1):
                 fn()
-            _synchronize(device)
+            synchronize(device)
             for _ in range(per_block):
-                timings[name].seconds.append(_time_once(fn, device))
+                timings[name].seconds.append(time_once(fn, device))
                 if on_step:
                     on_step(name)
     return timings
