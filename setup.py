@@ -3,7 +3,8 @@
 Environment:
   FASTRES_SKIP_EXT=1     build no extension (fastres then runs on the "torch" backend)
   FASTRES_SKIP_CUDA=1    build the CPU kernels only
-  TORCH_CUDA_ARCH_LIST   CUDA architectures (default "8.0;9.0"; no GPU is needed to compile)
+  TORCH_CUDA_ARCH_LIST   CUDA architectures (default: the visible GPUs, else "8.0;9.0"; no GPU is
+                         needed to compile)
   MAX_JOBS               parallel compile jobs (ninja)
 Install with `pip install --no-build-isolation -e .` after torch: the build imports torch.
 """
@@ -18,6 +19,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def _cudart_dirs(cuda_home):
+    """Where libcudart.so is: torch looks only in CUDA_HOME/lib64, which misses layouts such as
+    nvcc in /usr/local/bin with the libraries in /usr/local/cuda-X.Y/lib."""
+    candidates = [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
+    candidates += sorted(glob.glob("/usr/local/cuda*/lib64")) + sorted(glob.glob("/usr/local/cuda*/lib"))
+    return [d for d in candidates if os.path.exists(os.path.join(d, "libcudart.so"))][:1]
 
 
 def _extensions():
@@ -38,11 +47,14 @@ def _extensions():
     cxx_flags = ["-O3"]
     define_macros = []
     if use_cuda:
-        # Compiling needs no GPU; without one torch cannot guess the architectures.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # Compiling needs no GPU; without one torch cannot guess the architectures (with one,
+        # torch builds for the GPUs it sees).
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         define_macros.append(("FASTRES_WITH_CUDA", None))
         extension = cpp_extension.CUDAExtension(
             "fastres._C", cpp_sources + cuda_sources, define_macros=define_macros,
+            library_dirs=_cudart_dirs(cpp_extension.CUDA_HOME),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]})
     else:
         extension = cpp_extension.CppExtension("fastres._C", cpp_sources, define_macros=define_macros,

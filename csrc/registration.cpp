@@ -1,5 +1,6 @@
 // The one place where fastres._C declares its operator schemas and binds kernels to them.
-// Python-side fake (meta) implementations and autograd live in fastres/ops.
+// Fake (meta) implementations and autograd formulas are registered from Python, in
+// fastres/ops/registry.py, next to those of the Triton operators.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -15,8 +16,30 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fastres, m) {
   m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
+  m.def("relu_backward(Tensor grad, Tensor y) -> Tensor");
+  m.def("batch_norm_stats(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
+        "float eps) -> (Tensor, Tensor)");
+  m.def("batch_norm_apply(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, Tensor? residual, "
+        "bool training, bool relu) -> Tensor");
+  m.def("batch_norm_backward(Tensor grad, Tensor y, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, "
+        "bool training, bool relu, bool need_residual_grad, bool need_param_grads) -> (Tensor, Tensor, Tensor, "
+        "Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastres, CPU, m) {
   m.impl("add_relu", &fastres::add_relu_cpu);
+  m.impl("relu_backward", &fastres::relu_backward_cpu);
+  m.impl("batch_norm_stats", &fastres::batch_norm_stats_cpu);
+  m.impl("batch_norm_apply", &fastres::batch_norm_apply_cpu);
+  m.impl("batch_norm_backward", &fastres::batch_norm_backward_cpu);
 }
+
+#ifdef FASTRES_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
+  m.impl("add_relu", &fastres::add_relu_cuda);
+  m.impl("relu_backward", &fastres::relu_backward_cuda);
+  m.impl("batch_norm_stats", &fastres::batch_norm_stats_cuda);
+  m.impl("batch_norm_apply", &fastres::batch_norm_apply_cuda);
+  m.impl("batch_norm_backward", &fastres::batch_norm_backward_cuda);
+}
+#endif

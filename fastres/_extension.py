@@ -18,6 +18,10 @@ if _error is not None:
     warnings.warn(f"fastres._C is not available ({_error}); the 'cpp' backend is off and fastres uses "
                   f"the 'torch' backend. Reinstall with `pip install --no-build-isolation -e .` to build it.",
                   RuntimeWarning, stacklevel=2)
+if _error is None:
+    from .ops.registry import register_compiled_ops
+
+    register_compiled_ops()
 mark_available("cpp", _error is None, f"fastres._C could not be loaded: {_error}")
 
 

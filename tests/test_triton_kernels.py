@@ -178,7 +178,7 @@ def test_custom_ops_pass_opcheck():
     opcheck(registry.triton_add_relu, (x, _randn(2, 8, 5, 7, seed=10)))
     y = registry.triton_add_relu(x, _randn(2, 8, 5, 7, seed=11))
     opcheck(registry.triton_relu_backward, (_randn(2, 8, 5, 7, seed=12), y))
-    opcheck(registry.triton_batch_norm_act_backward, (_randn(2, 8, 5, 7, seed=12), y, x, _randn(8, seed=8), mean,
+    opcheck(registry.triton_batch_norm_backward, (_randn(2, 8, 5, 7, seed=12), y, x, _randn(8, seed=8), mean,
                                                       invstd, True, True, True, True))
 
 

@@ -5,6 +5,8 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <type_traits>
+
 #include "../fastres.h"
 
 namespace fastres {
@@ -22,9 +24,10 @@ void add_relu_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* out,
       Vec sum = Vec::loadu(x + i) + Vec::loadu(residual + i);
       at::vec::maximum(sum, zero).store(out + i);
     }
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     for (; i < end; ++i) {
-      float sum = static_cast<float>(x[i]) + static_cast<float>(residual[i]);
-      out[i] = static_cast<scalar_t>(sum > 0.f ? sum : 0.f);
+      const acc_t sum = static_cast<acc_t>(x[i]) + static_cast<acc_t>(residual[i]);
+      out[i] = static_cast<scalar_t>(sum > 0 ? sum : acc_t(0));
     }
   });
 }
@@ -47,6 +50,23 @@ at::Tensor add_relu_cpu(const at::Tensor& x, const at::Tensor& residual) {
                               out.mutable_data_ptr<scalar_t>(), a.numel());
   });
   return out;
+}
+
+at::Tensor relu_backward_cpu(const at::Tensor& grad, const at::Tensor& y) {
+  TORCH_CHECK(grad.sizes() == y.sizes(), "relu_backward: grad must have y's shape");
+  const auto format = y.suggest_memory_format();
+  const at::Tensor g = grad.to(y.scalar_type()).contiguous(format);
+  const at::Tensor out_ref = y.contiguous(format);
+  at::Tensor dx = at::empty_like(out_ref, out_ref.options(), format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastres_relu_backward_cpu", [&] {
+    const scalar_t* gd = g.const_data_ptr<scalar_t>();
+    const scalar_t* yd = out_ref.const_data_ptr<scalar_t>();
+    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, y.numel(), 32768, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) out[i] = static_cast<double>(yd[i]) > 0.0 ? gd[i] : scalar_t(0);
+    });
+  });
+  return dx;
 }
 
 }  // namespace fastres

@@ -1,29 +1,47 @@
-"""The "cpp" backend: kernels of the compiled extension fastres._C (torch.ops.fastres.*).
+"""The "cpp" backend: the compiled kernels of fastres._C (torch.ops.fastres.*).
 
-Today it holds the CPU add+ReLU forward; ops it does not cover run the reference.
-Its kernels have no autograd yet, so they run only when nothing needs a gradient.
+Convolutions run on PyTorch's (cuDNN / oneDNN) without bias; the bias, residual and ReLU
+then cost one fused pass (`batch_norm_apply` in its eval form: scale 1, shift = bias).
+BatchNorm and add+ReLU run the compiled kernels, forward and backward. Autograd and fake
+implementations come from fastres/ops/registry.py.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from . import registry
 
 
-def _op(name: str):
-    namespace = getattr(torch.ops, "fastres", None)
-    try:
-        return getattr(namespace, name) if namespace is not None else None
-    except (AttributeError, RuntimeError):
-        return None
+def covers(x: torch.Tensor) -> bool:
+    """Whether fastres._C has kernels for x's device (CPU always; CUDA when built with it)."""
+    if registry.COMPILED_BN is None:
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key("fastres::add_relu", "CUDA")
 
 
-def _no_grad_needed(*tensors: torch.Tensor) -> bool:
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+def _epilogue(y, bias, residual, relu):
+    channels, dtype = y.shape[1], torch.float64 if y.dtype == torch.float64 else torch.float32
+    identity_mean = torch.zeros(channels, device=y.device, dtype=dtype)
+    identity_invstd = torch.ones(channels, device=y.device, dtype=dtype)
+    return torch.ops.fastres.batch_norm_apply(y, None, bias, identity_mean, identity_invstd, residual, False, relu)
 
 
-def add_relu_applies(x: torch.Tensor, residual: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and _op("add_relu") is not None and _no_grad_needed(x, residual)
-            and not torch.compiler.is_compiling())
+def conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    return _epilogue(F.conv2d(x, weight, None, stride, padding, dilation, groups), bias, residual, relu)
 
 
-def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def bottleneck_tail(h, w3, x, wd, bias, stride, relu):
+    shortcut = F.conv2d(x, wd, None, stride)
+    return _epilogue(F.conv2d(h, w3), bias, shortcut, relu)
+
+
+def batch_norm_act(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu):
+    return registry.batch_norm_act(x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
+                                   relu, family=registry.COMPILED_BN)
+
+
+def add_relu(x, residual):
     return torch.ops.fastres.add_relu(x, residual)

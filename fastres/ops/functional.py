@@ -27,6 +27,11 @@ def _triton(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" or (x.device.type == "cpu" and registry.TRITON_AVAILABLE)
 
 
+def _compiled(x: torch.Tensor) -> bool:
+    """Backend "cpp" was chosen and fastres._C has kernels for x's device."""
+    return get_backend() == "cpp" and compiled.covers(x)
+
+
 def _autocast_dtype(x: torch.Tensor):
     """The dtype autocast would run a convolution in, or None (custom ops are not autocast by torch)."""
     try:
@@ -91,6 +96,9 @@ def conv2d_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         x, weight, bias, residual = _cast(_autocast_dtype(x) or x.dtype, x, weight, bias, residual)
         return registry.triton_conv2d_act(x, weight, bias, list(stride), list(padding), list(dilation), groups,
                                           residual, relu)
+    if _compiled(x):
+        x, weight, bias, residual = _cast(_autocast_dtype(x) or x.dtype, x, weight, bias, residual)
+        return compiled.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
     impl = onednn if _fast_cpu(x, weight, residual) else reference
     return impl.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
 
@@ -124,6 +132,10 @@ def batch_norm_act(x, weight, bias, running_mean, running_var, *, training: bool
         (residual,) = _cast(x.dtype, residual)
         return registry.batch_norm_act(x, weight, bias, running_mean, running_var, residual, training,
                                        float(momentum), float(eps), relu)
+    if _compiled(x) and x.numel() > 0:
+        (residual,) = _cast(x.dtype, residual)
+        return compiled.batch_norm_act(x, weight, bias, running_mean, running_var, residual, training,
+                                       float(momentum), float(eps), relu)
     return reference.batch_norm_act(x, weight, bias, running_mean, running_var, training, float(momentum),
                                     float(eps), residual, relu)
 
@@ -136,7 +148,7 @@ def add_relu(x, residual):
     checks.residual(residual, x.shape, x)
     if _triton(x):
         return registry.triton_add_relu(x, residual)
-    if get_backend() == "cpp" and compiled.add_relu_applies(x, residual):
+    if _compiled(x) and x.numel() > 0:
         return compiled.add_relu(x, residual)
     return reference.add_relu(x, residual)
 
@@ -169,5 +181,8 @@ def bottleneck_tail(h, w3, x, wd, bias=None, *, stride=1, relu: bool = True):
     if _triton(h):
         h, w3, x, wd, bias = _cast(_autocast_dtype(h) or h.dtype, h, w3, x, wd, bias)
         return registry.triton_bottleneck_tail(h, w3, x, wd, bias, list(stride), relu)
+    if _compiled(h):
+        h, w3, x, wd, bias = _cast(_autocast_dtype(h) or h.dtype, h, w3, x, wd, bias)
+        return compiled.bottleneck_tail(h, w3, x, wd, bias, stride, relu)
     impl = onednn if _fast_cpu(h, w3, None) and onednn.applies(x, wd, None) else reference
     return impl.bottleneck_tail(h, w3, x, wd, bias, stride, relu)

@@ -156,6 +156,16 @@ triton_bottleneck_tail.register_autograd(_tail_backward, setup_context=_tail_set
 
 
 # ---------------------------------------------------------------- batch norm + residual + ReLU
+#
+# Both fast backends provide the same five operators with the same schemas: the Triton ones
+# below (fastres::triton_*) and the compiled ones of fastres._C (fastres::batch_norm_stats, ...,
+# defined in csrc/registration.cpp). Their fake implementations and autograd formulas are
+# registered here once for both.
+#
+# Statistics and apply are two operators, because an operator that mutates (the running
+# statistics) cannot carry an autograd formula: the statistics op updates the buffers and has
+# no gradient of its own; the apply op takes (mean, invstd) as inputs and its backward is
+# BatchNorm's full gradient (in training it accounts for the statistics' dependence on x).
 
 def _scale_shift(weight, bias, mean, invstd):
     scale = invstd * weight.float() if weight is not None else invstd
@@ -163,10 +173,6 @@ def _scale_shift(weight, bias, mean, invstd):
     return scale, shift + bias.float() if bias is not None else shift
 
 
-# Two operators, because an operator that mutates (the running statistics) cannot carry an
-# autograd formula: the statistics op updates the buffers and has no gradient of its own;
-# the apply op takes (mean, invstd) as inputs and its backward is BatchNorm's full gradient
-# (in training it accounts for the statistics' dependence on x).
 @torch.library.custom_op(f"{LIB}::triton_batch_norm_stats", mutates_args=("running_mean", "running_var"))
 def triton_batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                             momentum: float, eps: float) -> tuple[Tensor, Tensor]:
@@ -175,12 +181,6 @@ def triton_batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_v
     x = x if bn.collapsible(x) else x.contiguous(memory_format=_format_of(x))
     mean, invstd, _, _ = bn.batch_statistics(x, None, None, running_mean, running_var, momentum, eps)
     return mean, invstd
-
-
-@triton_batch_norm_stats.register_fake
-def _(x, running_mean, running_var, momentum, eps):
-    stats = x.new_empty((x.shape[1],), dtype=torch.float32)
-    return stats, stats.clone()
 
 
 @torch.library.custom_op(f"{LIB}::triton_batch_norm_apply", mutates_args=())
@@ -196,24 +196,10 @@ def triton_batch_norm_apply(x: Tensor, weight: Optional[Tensor], bias: Optional[
     return bn.scale_shift_act(x, scale, shift, residual, relu)
 
 
-@triton_batch_norm_apply.register_fake
-def _(x, weight, bias, mean, invstd, residual, training, relu):
-    return _empty_like_format(x, x.shape)
-
-
-def batch_norm_act(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu):
-    """BatchNorm (+ residual) (+ ReLU) on the Triton kernels; autograd through the apply op."""
-    if training:
-        mean, invstd = triton_batch_norm_stats(x.detach(), running_mean, running_var, momentum, eps)
-    else:
-        mean, invstd = running_mean.float(), torch.rsqrt(running_var.float() + eps)
-    return triton_batch_norm_apply(x, weight, bias, mean, invstd, residual, training, relu)
-
-
-@torch.library.custom_op(f"{LIB}::triton_batch_norm_act_backward", mutates_args=())
-def triton_batch_norm_act_backward(grad: Tensor, y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
-                                   invstd: Tensor, training: bool, relu: bool, need_residual_grad: bool,
-                                   need_param_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@torch.library.custom_op(f"{LIB}::triton_batch_norm_backward", mutates_args=())
+def triton_batch_norm_backward(grad: Tensor, y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
+                               invstd: Tensor, training: bool, relu: bool, need_residual_grad: bool,
+                               need_param_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, bn, _ = _kernels()
     scale = invstd * weight.float() if weight is not None else invstd
     fmt = _format_of(x)
@@ -221,16 +207,42 @@ def triton_batch_norm_act_backward(grad: Tensor, y: Tensor, x: Tensor, weight: O
     x = x if bn.collapsible(x) else x.contiguous(memory_format=fmt)
     dx, dres, dweight, dbias = bn.backward(grad, y, x, mean, invstd, scale, relu=relu, training=training,
                                            need_dres=need_residual_grad, need_param_grads=need_param_grads)
-    # Unused outputs come back as empty tensors: custom ops cannot return None.
+    # Unused outputs come back as empty tensors: operators cannot return None.
     return dx, dres if dres is not None else x.new_empty(0), dweight, dbias
 
 
-@triton_batch_norm_act_backward.register_fake
-def _(grad, y, x, weight, mean, invstd, training, relu, need_residual_grad, need_param_grads):
+@torch.library.custom_op(f"{LIB}::triton_add_relu", mutates_args=())
+def triton_add_relu(x: Tensor, residual: Tensor) -> Tensor:
+    return _kernels()[2].add_relu(x, residual)
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    """Per-channel statistics are fp32, fp64 for fp64 activations."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fake_stats(x, running_mean, running_var, momentum, eps):
+    stats = x.new_empty((x.shape[1],), dtype=_stats_dtype(x))
+    return stats, stats.clone()
+
+
+def _fake_apply(x, weight, bias, mean, invstd, residual, training, relu):
+    return _empty_like_format(x, x.shape)
+
+
+def _fake_backward(grad, y, x, weight, mean, invstd, training, relu, need_residual_grad, need_param_grads):
     channels = x.shape[1]
     dres = _empty_like_format(x, x.shape) if need_residual_grad else x.new_empty(0)
-    return (_empty_like_format(x, x.shape), dres, x.new_empty((channels,), dtype=torch.float32),
-            x.new_empty((channels,), dtype=torch.float32))
+    return (_empty_like_format(x, x.shape), dres, x.new_empty((channels,), dtype=_stats_dtype(x)),
+            x.new_empty((channels,), dtype=_stats_dtype(x)))
+
+
+def _fake_add_relu(x, residual):
+    return _empty_like_format(x, x.shape)
+
+
+def _fake_relu_backward(grad, y):
+    return _empty_like_format(y, y.shape)
 
 
 def _bn_setup(ctx, inputs, output):
@@ -241,42 +253,67 @@ def _bn_setup(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _bn_backward(ctx, grad):
-    x, weight, y, mean, invstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    need_res = ctx.has_residual and needs[5]
-    need_params = (ctx.has_weight and needs[1]) or (ctx.has_bias and needs[2])
-    dx, dres, dweight, dbias = triton_batch_norm_act_backward(grad, y, x, weight, mean, invstd, ctx.training,
-                                                              ctx.relu, need_res, need_params)
-    return (dx if needs[0] else None,
-            dweight.to(weight.dtype) if ctx.has_weight and needs[1] else None,
-            dbias.to(ctx.bias_dtype) if ctx.has_bias and needs[2] else None,
-            None, None, dres if need_res else None, None, None)
-
-
-triton_batch_norm_apply.register_autograd(_bn_backward, setup_context=_bn_setup)
-
-
-# ---------------------------------------------------------------- add + ReLU
-
-@torch.library.custom_op(f"{LIB}::triton_add_relu", mutates_args=())
-def triton_add_relu(x: Tensor, residual: Tensor) -> Tensor:
-    return _kernels()[2].add_relu(x, residual)
-
-
-@triton_add_relu.register_fake
-def _(x, residual):
-    return _empty_like_format(x, x.shape)
+def _bn_backward_using(backward_op):
+    def backward(ctx, grad):
+        x, weight, y, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        need_res = ctx.has_residual and needs[5]
+        need_params = (ctx.has_weight and needs[1]) or (ctx.has_bias and needs[2])
+        dx, dres, dweight, dbias = backward_op(grad, y, x, weight, mean, invstd, ctx.training, ctx.relu, need_res,
+                                               need_params)
+        return (dx if needs[0] else None,
+                dweight.to(weight.dtype) if ctx.has_weight and needs[1] else None,
+                dbias.to(ctx.bias_dtype) if ctx.has_bias and needs[2] else None,
+                None, None, dres if need_res else None, None, None)
+    return backward
 
 
 def _add_relu_setup(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
-def _add_relu_backward(ctx, grad):
-    (y,) = ctx.saved_tensors
-    g = _relu_mask(grad, y, True)
-    return g, g
+def _add_relu_backward_using(relu_backward_op):
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        g = relu_backward_op(grad, y)
+        return g, g
+    return backward
 
 
-triton_add_relu.register_autograd(_add_relu_backward, setup_context=_add_relu_setup)
+def _register_family(prefix: str, relu_backward_op, backward_op) -> None:
+    """Fake implementations and autograd for one backend's BN / add+ReLU operators."""
+    for name, fake in (("batch_norm_stats", _fake_stats), ("batch_norm_apply", _fake_apply),
+                       ("batch_norm_backward", _fake_backward), ("add_relu", _fake_add_relu),
+                       ("relu_backward", _fake_relu_backward)):
+        if prefix == "triton_" and name == "relu_backward":
+            continue  # registered with its definition above
+        torch.library.register_fake(f"{LIB}::{prefix}{name}", fake)
+    torch.library.register_autograd(f"{LIB}::{prefix}batch_norm_apply", _bn_backward_using(backward_op),
+                                    setup_context=_bn_setup)
+    torch.library.register_autograd(f"{LIB}::{prefix}add_relu", _add_relu_backward_using(relu_backward_op),
+                                    setup_context=_add_relu_setup)
+
+
+_register_family("triton_", triton_relu_backward, triton_batch_norm_backward)
+TRITON_BN = (triton_batch_norm_stats, triton_batch_norm_apply)
+COMPILED_BN = None  # (stats, apply) of fastres._C, once it is loaded
+
+
+def register_compiled_ops() -> None:
+    """Called once fastres._C has loaded: give its operators fake implementations and autograd."""
+    global COMPILED_BN
+    ops = torch.ops.fastres
+    _register_family("", ops.relu_backward, ops.batch_norm_backward)
+    COMPILED_BN = (ops.batch_norm_stats, ops.batch_norm_apply)
+
+
+def batch_norm_act(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu, *,
+                   family=TRITON_BN):
+    """BatchNorm (+ residual) (+ ReLU) on one backend's operators; autograd through the apply op."""
+    stats_op, apply_op = family
+    if training:
+        mean, invstd = stats_op(x.detach(), running_mean, running_var, momentum, eps)
+    else:
+        dtype = _stats_dtype(x)
+        mean, invstd = running_mean.to(dtype), torch.rsqrt(running_var.to(dtype) + eps)
+    return apply_op(x, weight, bias, mean, invstd, residual, training, relu)
