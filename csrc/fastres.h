@@ -13,35 +13,31 @@ namespace fastres {
 
 using OptTensor = c10::optional<at::Tensor>;
 
-// relu(x + residual).
-at::Tensor add_relu_cpu(const at::Tensor& x, const at::Tensor& residual);
-// grad where y > 0, else 0.
-at::Tensor relu_backward_cpu(const at::Tensor& grad, const at::Tensor& y);
-// (mean, invstd) of x over N, H, W per channel; updates the running buffers (unbiased variance).
-std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x, const OptTensor& running_mean,
-                                                        const OptTensor& running_var, double momentum, double eps);
-// relu((x - mean) * invstd * weight + bias + residual): BatchNorm's apply and the fused conv epilogue.
-at::Tensor batch_norm_apply_cpu(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                                const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& residual,
-                                bool training, bool relu);
-// (d x, d residual or an empty tensor, d weight, d bias) of batch_norm_apply.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const OptTensor& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, bool training, bool relu, bool need_residual_grad,
-    bool need_param_grads);
+// One kernel set per device, SUFFIX = cpu or cuda (same signatures, so one declaration):
+//   add_relu:            relu(x + residual)
+//   relu_backward:       grad where y > 0, else 0
+//   batch_norm_stats:    (mean, invstd) over N, H, W per channel; updates the running buffers
+//                        (unbiased variance)
+//   batch_norm_apply:    relu((x - mean) * invstd * weight + bias + residual): BatchNorm's apply
+//                        and the fused epilogue after a convolution
+//   batch_norm_backward: (d x, d residual or an empty tensor, d weight, d bias) of batch_norm_apply
+#define FASTRES_DECLARE_KERNELS(SUFFIX)                                                                       \
+  at::Tensor add_relu_##SUFFIX(const at::Tensor& x, const at::Tensor& residual);                            \
+  at::Tensor relu_backward_##SUFFIX(const at::Tensor& grad, const at::Tensor& y);                           \
+  std::tuple<at::Tensor, at::Tensor> batch_norm_stats_##SUFFIX(                                             \
+      const at::Tensor& x, const OptTensor& running_mean, const OptTensor& running_var, double momentum,    \
+      double eps);                                                                                          \
+  at::Tensor batch_norm_apply_##SUFFIX(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, \
+                                       const at::Tensor& mean, const at::Tensor& invstd,                    \
+                                       const OptTensor& residual, bool training, bool relu);                \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_##SUFFIX(                  \
+      const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const OptTensor& weight,            \
+      const at::Tensor& mean, const at::Tensor& invstd, bool training, bool relu, bool need_residual_grad,  \
+      bool need_param_grads);
 
+FASTRES_DECLARE_KERNELS(cpu)
 #ifdef FASTRES_WITH_CUDA
-at::Tensor add_relu_cuda(const at::Tensor& x, const at::Tensor& residual);
-at::Tensor relu_backward_cuda(const at::Tensor& grad, const at::Tensor& y);
-std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x, const OptTensor& running_mean,
-                                                         const OptTensor& running_var, double momentum, double eps);
-at::Tensor batch_norm_apply_cuda(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                                 const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& residual,
-                                 bool training, bool relu);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& x, const OptTensor& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, bool training, bool relu, bool need_residual_grad,
-    bool need_param_grads);
+FASTRES_DECLARE_KERNELS(cuda)
 #endif
 
 }  // namespace fastres

@@ -26,20 +26,15 @@ TORCH_LIBRARY(fastres, m) {
         "Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastres, CPU, m) {
-  m.impl("add_relu", &fastres::add_relu_cpu);
-  m.impl("relu_backward", &fastres::relu_backward_cpu);
-  m.impl("batch_norm_stats", &fastres::batch_norm_stats_cpu);
-  m.impl("batch_norm_apply", &fastres::batch_norm_apply_cpu);
-  m.impl("batch_norm_backward", &fastres::batch_norm_backward_cpu);
-}
+#define FASTRES_BIND_KERNELS(m, SUFFIX)                                   \
+  m.impl("add_relu", &fastres::add_relu_##SUFFIX);                        \
+  m.impl("relu_backward", &fastres::relu_backward_##SUFFIX);              \
+  m.impl("batch_norm_stats", &fastres::batch_norm_stats_##SUFFIX);        \
+  m.impl("batch_norm_apply", &fastres::batch_norm_apply_##SUFFIX);        \
+  m.impl("batch_norm_backward", &fastres::batch_norm_backward_##SUFFIX);
+
+TORCH_LIBRARY_IMPL(fastres, CPU, m) { FASTRES_BIND_KERNELS(m, cpu) }
 
 #ifdef FASTRES_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
-  m.impl("add_relu", &fastres::add_relu_cuda);
-  m.impl("relu_backward", &fastres::relu_backward_cuda);
-  m.impl("batch_norm_stats", &fastres::batch_norm_stats_cuda);
-  m.impl("batch_norm_apply", &fastres::batch_norm_apply_cuda);
-  m.impl("batch_norm_backward", &fastres::batch_norm_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(fastres, CUDA, m) { FASTRES_BIND_KERNELS(m, cuda) }
 #endif

@@ -2,6 +2,7 @@
 determinism whatever the thread count, operator registration, and the CUDA build."""
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 
@@ -146,3 +147,16 @@ def test_resnet18_on_cpp_backend_matches_torchvision(train):
             assert_close(p.grad, q.grad, torch.float64, f"grad {name}")
         for (name, b), c in zip(fr.named_buffers(), tv.buffers()):
             assert torch.allclose(b.double(), c.double(), rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_compile_fullgraph_on_cpp_backend(train):
+    """The compiled operators have fake implementations: a whole model traces into one graph."""
+    torch.manual_seed(0)
+    model = fastres.resnet18(num_classes=5).train(train)
+    x = _randn(2, 3, 32, 32, dtype=torch.float32, seed=4)
+    with fastres.use_backend("cpp"):
+        expected = copy.deepcopy(model)(x)
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    assert_close(got.detach(), expected.detach(), torch.float32, "compiled")
