@@ -69,9 +69,24 @@ class BasicBlock(_InvalidatesFolds, tv_resnet.BasicBlock):
         return conv_bn_act(self.conv2, self.bn2, out, residual=_shortcut(self, x), relu=True)
 
 
+def _move_stride_to_1x1(block) -> None:
+    """ResNet v1 (the paper): the Bottleneck's stride on its first 1x1 conv instead of the 3x3
+    (torchvision's v1.5). Weight shapes, names and initialisation are unchanged."""
+    stride = block.conv2.stride
+    if stride != (1, 1):
+        block.conv1.stride = stride
+        block.conv2.stride = (1, 1)
+
+
 class Bottleneck(_InvalidatesFolds, tv_resnet.Bottleneck):
-    """torchvision's Bottleneck (v1.5: stride on the 3x3). In eval, conv3 and the projection
-    shortcut run as one fused `bottleneck_tail` (exact once BN is folded into both)."""
+    """torchvision's Bottleneck (v1.5: stride on the 3x3; `stride_in_1x1=True`: v1, the paper's,
+    stride on the first 1x1). In eval, conv3 and the projection shortcut run as one fused
+    `bottleneck_tail` (exact once BN is folded into both)."""
+
+    def __init__(self, *args: Any, stride_in_1x1: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if stride_in_1x1:
+            _move_stride_to_1x1(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if not fusable_relu(self.relu):
@@ -102,7 +117,8 @@ _FASTRES_BLOCK = {tv_resnet.BasicBlock: BasicBlock, tv_resnet.Bottleneck: Bottle
 
 
 class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
-    """torchvision's ResNet with fused blocks. Same constructor, same state_dict.
+    """torchvision's ResNet with fused blocks. Same constructor, same state_dict; one more option,
+    `stride_in_1x1=True`, puts each Bottleneck's stride on its first 1x1 conv (ResNet v1).
 
     In CPU float32 inference the activations run channels_last internally (oneDNN's
     fastest layout); the output (N, num_classes) is the same either way.
@@ -111,9 +127,13 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int], num_classes: int = 1000,
                  zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
                  replace_stride_with_dilation: Optional[List[bool]] = None,
-                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+                 norm_layer: Optional[Callable[..., nn.Module]] = None, stride_in_1x1: bool = False) -> None:
         super().__init__(_FASTRES_BLOCK.get(block, block), layers, num_classes, zero_init_residual, groups,
                          width_per_group, replace_stride_with_dilation, norm_layer)
+        if stride_in_1x1:  # v1 placement in every Bottleneck (BasicBlocks have no 1x1 to move it to)
+            for module in self.modules():
+                if isinstance(module, tv_resnet.Bottleneck):
+                    _move_stride_to_1x1(module)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         if not fusable_relu(self.relu):

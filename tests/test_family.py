@@ -1,0 +1,181 @@
+"""The rest of the ResNet family (issue 6): v1 stride placement, parameter/MAC counting
+(the paper's Table 1), CIFAR ResNets with option-A/B shortcuts, pre-activation ResNet v2.
+
+CPU-sized: inputs of 32x32 or less, float64 where exactness matters, BN statistics randomized.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.models as tvm
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+
+import fastres
+from conftest import assert_rel_close, compare_train_results, randn, randomize_bn_, train_step
+
+RTOL64 = 1e-10
+
+
+def _backend(name):
+    return contextlib.nullcontext() if name == "default" else fastres.use_backend(name)
+
+
+def _eval(model, x, backend="default"):
+    model.eval()
+    with _backend(backend), torch.no_grad():
+        return model(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. v1 (stride on the first 1x1) vs v1.5 (stride on the 3x3)
+# ---------------------------------------------------------------------------------------------
+
+def _strides(model):
+    return {name: m.stride for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def test_stride_in_1x1_placement_and_shapes():
+    v15 = fastres.resnet50(num_classes=10)
+    v1 = fastres.resnet50(num_classes=10, stride_in_1x1=True)
+    s15, s1 = _strides(v15), _strides(v1)
+    for layer in ("layer2", "layer3", "layer4"):
+        assert s15[f"{layer}.0.conv1"] == (1, 1) and s15[f"{layer}.0.conv2"] == (2, 2)
+        assert s1[f"{layer}.0.conv1"] == (2, 2) and s1[f"{layer}.0.conv2"] == (1, 1)
+        assert s1[f"{layer}.0.downsample.0"] == (2, 2)
+        assert s1[f"{layer}.1.conv1"] == (1, 1) and s1[f"{layer}.1.conv2"] == (1, 1)
+    assert s1["layer1.0.conv1"] == (1, 1) and s1["layer1.0.conv2"] == (1, 1)
+    assert v1.state_dict().keys() == v15.state_dict().keys()
+    # same construction random stream: identical initial weights
+    torch.manual_seed(0)
+    a = fastres.resnet18()
+    torch.manual_seed(0)
+    b = fastres.resnet18(stride_in_1x1=True)   # BasicBlocks: no 1x1 to move the stride to
+    assert _strides(a) == _strides(b)
+    for x_shape in [(2, 3, 32, 32), (1, 3, 29, 31)]:
+        x = randn(*x_shape)
+        assert _eval(v1, x).shape == (x_shape[0], 10)
+    # intermediate shapes agree with v1.5 (stride moved, not added)
+    feats = {}
+    for name, model in (("v1", v1), ("v15", v15)):
+        handles = [getattr(model, f"layer{i}").register_forward_hook(
+            lambda m, i, o, name=name, k=i: feats.__setitem__((name, k), o.shape)) for i in range(1, 5)]
+        _eval(model, randn(1, 3, 32, 32))
+        for h in handles:
+            h.remove()
+    for i in range(1, 5):
+        assert feats[("v1", i)] == feats[("v15", i)]
+
+
+def test_bottleneck_constructor_accepts_stride_in_1x1():
+    down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+    block = fastres.Bottleneck(16, 8, stride=2, downsample=down, stride_in_1x1=True)
+    assert block.conv1.stride == (2, 2) and block.conv2.stride == (1, 1)
+    default = fastres.Bottleneck(16, 8, stride=2, downsample=copy.deepcopy(down))
+    assert default.conv1.stride == (1, 1) and default.conv2.stride == (2, 2)
+    assert _eval(block, randn(2, 16, 9, 9)).shape == (2, 32, 5, 5)
+
+
+def _v1_reference(fr_model):
+    """A torchvision ResNet with the strides moved by hand, carrying fr_model's weights."""
+    layers = [len(getattr(fr_model, f"layer{i}")) for i in range(1, 5)]
+    ref = tv_resnet.ResNet(tv_resnet.Bottleneck, layers, num_classes=fr_model.fc.out_features)
+    for m in ref.modules():
+        if isinstance(m, tv_resnet.Bottleneck) and m.conv2.stride != (1, 1):
+            m.conv1.stride, m.conv2.stride = m.conv2.stride, (1, 1)
+    ref.load_state_dict(fr_model.state_dict())
+    return ref
+
+
+def _reference_block(block, x):
+    """Hand-written functional v1 Bottleneck (eval), independent of torchvision's forward."""
+    def bn(t, m):
+        return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+    s = block.conv1.stride
+    out = F.relu(bn(F.conv2d(x, block.conv1.weight, stride=s), block.bn1))
+    out = F.relu(bn(F.conv2d(out, block.conv2.weight, padding=1), block.bn2))
+    out = bn(F.conv2d(out, block.conv3.weight), block.bn3)
+    short = bn(F.conv2d(x, block.downsample[0].weight, stride=s), block.downsample[1])
+    return F.relu(out + short)
+
+
+@pytest.mark.parametrize("backend", ["default", "torch"])
+def test_stride_in_1x1_block_matches_hand_reference(backend):
+    torch.manual_seed(3)
+    down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+    block = randomize_bn_(fastres.Bottleneck(16, 8, stride=2, downsample=down, stride_in_1x1=True)).double()
+    x = randn(2, 16, 9, 9, dtype=torch.float64)
+    expected = _reference_block(block.eval(), x)
+    assert_rel_close(_eval(block, x, backend), expected, rtol=RTOL64, what="v1 bottleneck eval")
+
+
+@pytest.mark.parametrize("backend", ["default", "torch"])
+def test_stride_in_1x1_model_matches_reference_eval_and_train(backend):
+    torch.manual_seed(1)
+    fr = randomize_bn_(fastres.ResNet(fastres.Bottleneck, [1, 2, 1, 1], num_classes=10, stride_in_1x1=True))
+    fr = fr.double()
+    ref = _v1_reference(fr).double()
+    for i, shape in enumerate([(2, 3, 32, 32), (1, 3, 27, 30)]):
+        x = randn(*shape, seed=i, dtype=torch.float64)
+        assert_rel_close(_eval(fr, x, backend), _eval(ref, x), rtol=RTOL64, what=f"v1 eval {shape}")
+    x = randn(2, 3, 32, 32, seed=5, dtype=torch.float64)
+    expected = train_step(copy.deepcopy(ref), x, layer_hooks=True)
+    with _backend(backend):
+        actual = train_step(copy.deepcopy(fr), x, layer_hooks=True)
+    compare_train_results(actual, expected, rtol=1e-8, what=f"v1 train [{backend}]")
+    # and v1 really differs from v1.5 (the test can fail)
+    v15 = fastres.ResNet(fastres.Bottleneck, [1, 2, 1, 1], num_classes=10).double()
+    v15.load_state_dict(fr.state_dict())
+    assert (_eval(v15, x) - _eval(ref, x)).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. counting: the paper's Table 1 and torchvision's figures
+# ---------------------------------------------------------------------------------------------
+
+PAPER_TABLE1 = {"resnet18": 1.8e9, "resnet34": 3.6e9, "resnet50": 3.8e9, "resnet101": 7.6e9, "resnet152": 11.3e9}
+
+
+@pytest.mark.parametrize("name", list(PAPER_TABLE1))
+def test_count_macs_reproduces_paper_table1(name):
+    with torch.device("meta"):   # shapes only: no weight initialisation, no arithmetic
+        model = getattr(fastres, name)(stride_in_1x1=True)
+    macs = fastres.count_macs(model)
+    assert isinstance(macs, int)
+    assert abs(macs - PAPER_TABLE1[name]) <= 0.03 * PAPER_TABLE1[name], f"{name}: {macs / 1e9:.3f} GMACs"
+
+
+def test_count_torchvision_resnet50_v15():
+    with torch.device("meta"):
+        model = fastres.resnet50()
+        tv = tvm.resnet50()
+    assert fastres.count_params(model) == 25_557_032 == fastres.count_params(tv)
+    macs = fastres.count_macs(model)
+    assert abs(macs - 4.09e9) <= 0.005e9, macs
+    assert fastres.count_macs(tv) == macs
+    assert fastres.count_macs(model, input_size=(2, 3, 224, 224)) == 2 * macs
+
+
+def test_count_macs_matches_hand_count_and_real_forward():
+    from fastres.bench.flops import count_macs as bench_count
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 8, 1, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    # conv1: 4x4x4 outputs x 27; conv2: 8x4x4 x 2; fc: 5 x 8
+    assert fastres.count_macs(model, (1, 3, 8, 8)) == 64 * 27 + 128 * 2 + 40
+    real = fastres.resnet18(num_classes=10)
+    assert fastres.count_macs(real, (1, 3, 32, 32)) == bench_count(real, torch.randn(1, 3, 32, 32))
+    assert real.conv1.weight.device.type == "cpu"   # the model itself is left alone
+    assert fastres.count_params(model) == 4 * 27 + 2 * 4 + 8 * 2 + 8 + 8 * 5 + 5   # conv, bn, conv+bias, fc
+
+
+def test_count_bad_input():
+    with pytest.raises(TypeError, match="model"):
+        fastres.count_params("resnet50")
+    with pytest.raises(TypeError, match="model"):
+        fastres.count_macs(None)
+    with pytest.raises(ValueError, match="input_size"):
+        fastres.count_macs(nn.Linear(2, 2), input_size=(1, 0))
