@@ -10,6 +10,8 @@ from ._extension import extension_loaded
 from .models.resnet import (BasicBlock, Bottleneck, ResNet, from_torchvision, resnet18, resnet34, resnet50,
                             resnet101, resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
                             wide_resnet50_2, wide_resnet101_2)
+from .models.cifar import (cifar_resnet20, cifar_resnet32, cifar_resnet44, cifar_resnet56, cifar_resnet110,
+                           cifar_resnet1202)
 from .models.counting import count_macs, count_params
 from .ops.backend import _default_from_environment, available_backends, get_backend, set_backend, use_backend
 
@@ -21,4 +23,5 @@ __all__ = [
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
     "available_backends", "get_backend", "set_backend", "use_backend", "extension_loaded", "ops",
     "count_params", "count_macs",
+    "cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56", "cifar_resnet110", "cifar_resnet1202",
 ]

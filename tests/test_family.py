@@ -179,3 +179,83 @@ def test_count_bad_input():
         fastres.count_macs(None)
     with pytest.raises(ValueError, match="input_size"):
         fastres.count_macs(nn.Linear(2, 2), input_size=(1, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. CIFAR ResNets (section 4.2)
+# ---------------------------------------------------------------------------------------------
+
+CIFAR_PARAMS = {20: 0.27e6, 32: 0.46e6, 44: 0.66e6, 56: 0.85e6, 110: 1.7e6, 1202: 19.4e6}
+
+
+@pytest.mark.parametrize("depth", list(CIFAR_PARAMS))
+def test_cifar_parameter_counts_match_paper(depth):
+    with torch.device("meta"):
+        model = getattr(fastres, f"cifar_resnet{depth}")()
+    n = (depth - 2) // 6
+    assert [len(model.layer1), len(model.layer2), len(model.layer3)] == [n, n, n]
+    params = fastres.count_params(model)
+    assert abs(params - CIFAR_PARAMS[depth]) <= 0.02 * CIFAR_PARAMS[depth], params
+    assert fastres.count_macs(model, (1, 3, 32, 32)) > 0   # forward runs (on meta tensors)
+    with torch.device("meta"):
+        b = getattr(fastres, f"cifar_resnet{depth}")(shortcut="B")
+    # B adds two projections: 16->32 and 32->64 (1x1 conv + BN)
+    assert fastres.count_params(b) - params == 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64
+
+
+def test_option_a_shortcut_hand_computed():
+    from fastres.models.cifar import ZeroPadShortcut
+    x = torch.arange(2 * 2 * 4 * 4, dtype=torch.float64).reshape(2, 2, 4, 4)
+    out = ZeroPadShortcut(2, 4, 2)(x)
+    expected = torch.zeros(2, 4, 2, 2, dtype=torch.float64)
+    for n in range(2):
+        for c in range(2):
+            base = n * 32 + c * 16
+            expected[n, c] = torch.tensor([[base + 0, base + 2], [base + 8, base + 10]], dtype=torch.float64)
+    assert torch.equal(out, expected)
+    model = fastres.cifar_resnet20()
+    assert sum(p.numel() for p in model.layer2[0].downsample.parameters()) == 0
+    # A block with the option-A shortcut == a hand-written one
+    block = randomize_bn_(model.layer2[0]).double().eval()
+    y = randn(2, 16, 8, 8, dtype=torch.float64)
+
+    def bn(t, m):
+        return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+    h = F.relu(bn(F.conv2d(y, block.conv1.weight, stride=2, padding=1), block.bn1))
+    h = bn(F.conv2d(h, block.conv2.weight, padding=1), block.bn2)
+    short = torch.cat([y[:, :, ::2, ::2], torch.zeros(2, 16, 4, 4, dtype=torch.float64)], 1)
+    for backend in ("default", "torch"):
+        assert_rel_close(_eval(block, y, backend), F.relu(h + short), rtol=RTOL64, what=f"option A [{backend}]")
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
+def test_cifar_forward_backward(depth):
+    model = getattr(fastres, f"cifar_resnet{depth}")(num_classes=7)
+    x = randn(2, 3, 8, 8)
+    y = model.train()(x)
+    assert y.shape == (2, 7)
+    y.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert _eval(model, x[:1]).shape == (1, 7)
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("backend", ["default", "torch"])
+def test_cifar_fused_matches_module_reference(shortcut, backend):
+    torch.manual_seed(2)
+    fr = randomize_bn_(fastres.cifar_resnet20(shortcut=shortcut)).double()
+    ref = copy.deepcopy(fr)
+    for m in ref.modules():   # hooks make every block run torchvision's plain module forward
+        if isinstance(m, nn.ReLU):
+            m.register_forward_hook(lambda *a: None)
+    x = randn(2, 3, 16, 16, seed=4, dtype=torch.float64)
+    assert_rel_close(_eval(fr, x, backend), _eval(ref, x), rtol=RTOL64, what=f"cifar eval {shortcut}")
+    expected = train_step(copy.deepcopy(ref), x)
+    with _backend(backend):
+        actual = train_step(copy.deepcopy(fr), x)
+    compare_train_results(actual, expected, rtol=1e-8, what=f"cifar train {shortcut} [{backend}]")
+
+
+def test_cifar_bad_shortcut():
+    with pytest.raises(ValueError, match="shortcut"):
+        fastres.cifar_resnet20(shortcut="C")
