@@ -12,6 +12,8 @@ from .models.resnet import (BasicBlock, Bottleneck, ResNet, from_torchvision, re
                             wide_resnet50_2, wide_resnet101_2)
 from .models.cifar import (cifar_resnet20, cifar_resnet32, cifar_resnet44, cifar_resnet56, cifar_resnet110,
                            cifar_resnet1202)
+from .models.preact import (resnet_v2_18, resnet_v2_34, resnet_v2_50, resnet_v2_101, resnet_v2_152,
+                            resnet_v2_200)
 from .models.counting import count_macs, count_params
 from .ops.backend import _default_from_environment, available_backends, get_backend, set_backend, use_backend
 
@@ -24,4 +26,5 @@ __all__ = [
     "available_backends", "get_backend", "set_backend", "use_backend", "extension_loaded", "ops",
     "count_params", "count_macs",
     "cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56", "cifar_resnet110", "cifar_resnet1202",
+    "resnet_v2_18", "resnet_v2_34", "resnet_v2_50", "resnet_v2_101", "resnet_v2_152", "resnet_v2_200",
 ]

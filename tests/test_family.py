@@ -258,3 +258,92 @@ def test_cifar_fused_matches_module_reference(shortcut, backend):
 def test_cifar_bad_shortcut():
     with pytest.raises(ValueError, match="shortcut"):
         fastres.cifar_resnet20(shortcut="C")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. pre-activation ResNet v2
+# ---------------------------------------------------------------------------------------------
+
+def _module_reference(model):
+    """A copy whose units run their plain module forward (a hook on every ReLU disables fusion)."""
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, nn.ReLU):
+            m.register_forward_hook(lambda *a: None)
+    return ref
+
+
+V2_LAYERS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3],
+             200: [3, 24, 36, 3]}
+
+
+@pytest.mark.parametrize("depth", list(V2_LAYERS))
+def test_resnet_v2_structure_and_counts(depth):
+    from fastres.models.preact import PreActBasicBlock, PreActBottleneck
+    with torch.device("meta"):
+        model = getattr(fastres, f"resnet_v2_{depth}")()
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == V2_LAYERS[depth]
+    kind = PreActBasicBlock if depth < 50 else PreActBottleneck
+    assert all(isinstance(u, kind) for i in range(1, 5) for u in getattr(model, f"layer{i}"))
+    keys = set(model.state_dict())
+    assert {"conv1.weight", "layer1.0.bn1.running_mean", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
+            "final_bn.weight", "final_bn.num_batches_tracked", "fc.weight"} <= keys
+    assert "bn1.weight" not in keys and not any(k.startswith("layer2.0.downsample.1") for k in keys)
+    # same conv/fc shapes as v1.5 (minus the stem BN, projection BNs, plus a BN per unit input): same MACs
+    with torch.device("meta"):
+        v1 = getattr(fastres, f"resnet{depth}")() if depth != 200 else None
+    macs = fastres.count_macs(model)
+    if v1 is not None:
+        assert macs == fastres.count_macs(v1)
+    else:
+        assert abs(macs - 15.0e9) < 0.1e9   # ResNet-200: 15 GMACs
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_v2_forward_backward(depth):
+    model = getattr(fastres, f"resnet_v2_{depth}")(num_classes=5)
+    x = randn(2, 3, 16, 16)
+    out, xgrad, grads, _ = train_step(model, x)
+    assert out.shape == (2, 5) and torch.isfinite(xgrad).all()
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert _eval(model, x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("backend", ["default", "torch"])
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_resnet_v2_fused_matches_modules_eval_and_train(block, backend, monkeypatch):
+    from fastres import ops
+    from fastres.models import preact
+    torch.manual_seed(5)
+    kind = preact.PreActBasicBlock if block == "basic" else preact.PreActBottleneck
+    fr = randomize_bn_(preact.ResNetV2(kind, [2, 1, 1, 1], num_classes=10)).double()
+    ref = _module_reference(fr)
+    calls = []
+    real = ops.batch_norm_act
+    monkeypatch.setattr(ops, "batch_norm_act", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for i, shape in enumerate([(2, 3, 32, 32), (1, 3, 29, 27)]):
+        x = randn(*shape, seed=20 + i, dtype=torch.float64)
+        assert_rel_close(_eval(fr, x, backend), _eval(ref, x), rtol=RTOL64, what=f"v2 eval {shape}")
+    assert calls, "the fused pre-activation was not used"
+    x = randn(2, 3, 32, 32, seed=30, dtype=torch.float64)
+    expected = train_step(copy.deepcopy(ref), x, layer_hooks=True)
+    with _backend(backend):
+        actual = train_step(copy.deepcopy(fr), x, layer_hooks=True)
+    compare_train_results(actual, expected, rtol=1e-8, what=f"v2 train {block} [{backend}]")
+
+
+def test_resnet_v2_projection_from_preactivated_input():
+    from fastres.models import preact
+    torch.manual_seed(0)
+    unit = randomize_bn_(preact.PreActBottleneck(16, 8, 2, nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False))))
+    unit = unit.double().eval()
+    x = randn(2, 16, 8, 8, dtype=torch.float64)
+
+    def bnrelu(t, m):
+        return F.relu(F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps))
+    pre = bnrelu(x, unit.bn1)
+    h = bnrelu(F.conv2d(pre, unit.conv1.weight), unit.bn2)
+    h = bnrelu(F.conv2d(h, unit.conv2.weight, stride=2, padding=1), unit.bn3)
+    expected = F.conv2d(h, unit.conv3.weight) + F.conv2d(pre, unit.downsample[0].weight, stride=2)
+    for backend in ("default", "torch"):
+        assert_rel_close(_eval(unit, x, backend), expected, rtol=RTOL64, what=f"v2 unit [{backend}]")
