@@ -231,7 +231,7 @@ def test_option_a_shortcut_hand_computed():
         assert_rel_close(_eval(block, y, backend), F.relu(h + short), rtol=RTOL64, what=f"option A [{backend}]")
 
 
-@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110, 1202])
 def test_cifar_forward_backward(depth):
     model = getattr(fastres, f"cifar_resnet{depth}")(num_classes=7)
     x = randn(2, 3, 4, 4)   # eval is covered by test_cifar_fused_matches_module_reference
