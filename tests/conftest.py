@@ -23,6 +23,7 @@ import torch as _torch
 if not _torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib
 import copy
 from typing import Dict, Iterable, Optional
 
@@ -268,3 +269,16 @@ def clone_model(model: nn.Module) -> nn.Module:
 def same_storage(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]) -> bool:
     ptrs = {t.untyped_storage().data_ptr() for t in a if t.numel()}
     return any(t.untyped_storage().data_ptr() in ptrs for t in b if t.numel())
+
+
+def backend_scope(name: str):
+    """`fastres.use_backend(name)`, or nothing for "default" (whatever the process default is)."""
+    import fastres
+    return contextlib.nullcontext() if name == "default" else fastres.use_backend(name)
+
+
+def eval_on(model: nn.Module, x: torch.Tensor, backend: str = "default") -> torch.Tensor:
+    """model(x) in eval mode under no_grad, on `backend`."""
+    model.eval()
+    with backend_scope(backend), torch.no_grad():
+        return model(x)

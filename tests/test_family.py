@@ -5,7 +5,6 @@ CPU-sized: inputs of 32x32 or less, float64 where exactness matters, BN statisti
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -16,19 +15,10 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 import fastres
-from conftest import assert_rel_close, compare_train_results, randn, randomize_bn_, train_step
+from conftest import (assert_rel_close, backend_scope, compare_train_results, eval_on, randn, randomize_bn_,
+                      train_step)
 
 RTOL64 = 1e-10
-
-
-def _backend(name):
-    return contextlib.nullcontext() if name == "default" else fastres.use_backend(name)
-
-
-def _eval(model, x, backend="default"):
-    model.eval()
-    with _backend(backend), torch.no_grad():
-        return model(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,13 +51,13 @@ def test_stride_in_1x1_placement_and_shapes():
     v1 = fastres.ResNet(fastres.Bottleneck, [1, 1, 1, 1], num_classes=10, stride_in_1x1=True)
     for x_shape in [(2, 3, 32, 32), (1, 3, 29, 31)]:
         x = randn(*x_shape)
-        assert _eval(v1, x).shape == (x_shape[0], 10)
+        assert eval_on(v1, x).shape == (x_shape[0], 10)
     # intermediate shapes agree with v1.5 (stride moved, not added)
     feats = {}
     for name, model in (("v1", v1), ("v15", v15)):
         handles = [getattr(model, f"layer{i}").register_forward_hook(
             lambda m, i, o, name=name, k=i: feats.__setitem__((name, k), o.shape)) for i in range(1, 5)]
-        _eval(model, randn(1, 3, 32, 32))
+        eval_on(model, randn(1, 3, 32, 32))
         for h in handles:
             h.remove()
     for i in range(1, 5):
@@ -80,7 +70,7 @@ def test_bottleneck_constructor_accepts_stride_in_1x1():
     assert block.conv1.stride == (2, 2) and block.conv2.stride == (1, 1)
     default = fastres.Bottleneck(16, 8, stride=2, downsample=copy.deepcopy(down))
     assert default.conv1.stride == (1, 1) and default.conv2.stride == (2, 2)
-    assert _eval(block, randn(2, 16, 9, 9)).shape == (2, 32, 5, 5)
+    assert eval_on(block, randn(2, 16, 9, 9)).shape == (2, 32, 5, 5)
 
 
 def _v1_reference(fr_model):
@@ -113,7 +103,7 @@ def test_stride_in_1x1_block_matches_hand_reference(backend):
     block = randomize_bn_(fastres.Bottleneck(16, 8, stride=2, downsample=down, stride_in_1x1=True)).double()
     x = randn(2, 16, 9, 9, dtype=torch.float64)
     expected = _reference_block(block.eval(), x)
-    assert_rel_close(_eval(block, x, backend), expected, rtol=RTOL64, what="v1 bottleneck eval")
+    assert_rel_close(eval_on(block, x, backend), expected, rtol=RTOL64, what="v1 bottleneck eval")
 
 
 @pytest.mark.parametrize("backend", ["default", "torch"])
@@ -124,16 +114,16 @@ def test_stride_in_1x1_model_matches_reference_eval_and_train(backend):
     ref = _v1_reference(fr).double()
     for i, shape in enumerate([(2, 3, 32, 32), (1, 3, 27, 30)]):
         x = randn(*shape, seed=i, dtype=torch.float64)
-        assert_rel_close(_eval(fr, x, backend), _eval(ref, x), rtol=RTOL64, what=f"v1 eval {shape}")
+        assert_rel_close(eval_on(fr, x, backend), eval_on(ref, x), rtol=RTOL64, what=f"v1 eval {shape}")
     x = randn(2, 3, 24, 24, seed=5, dtype=torch.float64)
     expected = train_step(copy.deepcopy(ref), x, layer_hooks=True)
-    with _backend(backend):
+    with backend_scope(backend):
         actual = train_step(copy.deepcopy(fr), x, layer_hooks=True)
     compare_train_results(actual, expected, rtol=1e-8, what=f"v1 train [{backend}]")
     # and v1 really differs from v1.5 (the test can fail)
     v15 = fastres.ResNet(fastres.Bottleneck, [1, 1, 2, 1], num_classes=10).double()
     v15.load_state_dict(fr.state_dict())
-    assert (_eval(v15, x) - _eval(ref, x)).abs().max() > 1e-3
+    assert (eval_on(v15, x) - eval_on(ref, x)).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +218,7 @@ def test_option_a_shortcut_hand_computed():
     h = bn(F.conv2d(h, block.conv2.weight, padding=1), block.bn2)
     short = torch.cat([y[:, :, ::2, ::2], torch.zeros(2, 16, 4, 4, dtype=torch.float64)], 1)
     for backend in ("default", "torch"):
-        assert_rel_close(_eval(block, y, backend), F.relu(h + short), rtol=RTOL64, what=f"option A [{backend}]")
+        assert_rel_close(eval_on(block, y, backend), F.relu(h + short), rtol=RTOL64, what=f"option A [{backend}]")
 
 
 @pytest.mark.parametrize("depth", [20, 32, 44, 56, 110, 1202])
@@ -251,9 +241,9 @@ def test_cifar_fused_matches_module_reference(shortcut, backend):
         if isinstance(m, nn.ReLU):
             m.register_forward_hook(lambda *a: None)
     x = randn(2, 3, 16, 16, seed=4, dtype=torch.float64)
-    assert_rel_close(_eval(fr, x, backend), _eval(ref, x), rtol=RTOL64, what=f"cifar eval {shortcut}")
+    assert_rel_close(eval_on(fr, x, backend), eval_on(ref, x), rtol=RTOL64, what=f"cifar eval {shortcut}")
     expected = train_step(copy.deepcopy(ref), x)
-    with _backend(backend):
+    with backend_scope(backend):
         actual = train_step(copy.deepcopy(fr), x)
     compare_train_results(actual, expected, rtol=1e-8, what=f"cifar train {shortcut} [{backend}]")
 
@@ -311,7 +301,7 @@ def test_resnet_v2_forward_backward(depth):
     out, xgrad, grads, _ = train_step(model, x)
     assert out.shape == (4, 5) and torch.isfinite(xgrad).all()
     assert all(torch.isfinite(g).all() for g in grads.values())
-    assert _eval(model, x).shape == (4, 5)
+    assert eval_on(model, x).shape == (4, 5)
 
 
 @pytest.mark.parametrize("backend", ["default", "torch"])
@@ -328,11 +318,11 @@ def test_resnet_v2_fused_matches_modules_eval_and_train(block, backend, monkeypa
     monkeypatch.setattr(ops, "batch_norm_act", lambda *a, **k: calls.append(1) or real(*a, **k))
     for i, shape in enumerate([(2, 3, 32, 32), (1, 3, 29, 27)]):
         x = randn(*shape, seed=20 + i, dtype=torch.float64)
-        assert_rel_close(_eval(fr, x, backend), _eval(ref, x), rtol=RTOL64, what=f"v2 eval {shape}")
+        assert_rel_close(eval_on(fr, x, backend), eval_on(ref, x), rtol=RTOL64, what=f"v2 eval {shape}")
     assert calls, "the fused pre-activation was not used"
     x = randn(2, 3, 32, 32, seed=30, dtype=torch.float64)
     expected = train_step(copy.deepcopy(ref), x, layer_hooks=True)
-    with _backend(backend):
+    with backend_scope(backend):
         actual = train_step(copy.deepcopy(fr), x, layer_hooks=True)
     compare_train_results(actual, expected, rtol=1e-8, what=f"v2 train {block} [{backend}]")
 
@@ -351,4 +341,4 @@ def test_resnet_v2_projection_from_preactivated_input():
     h = bnrelu(F.conv2d(h, unit.conv2.weight, stride=2, padding=1), unit.bn3)
     expected = F.conv2d(h, unit.conv3.weight) + F.conv2d(pre, unit.downsample[0].weight, stride=2)
     for backend in ("default", "torch"):
-        assert_rel_close(_eval(unit, x, backend), expected, rtol=RTOL64, what=f"v2 unit [{backend}]")
+        assert_rel_close(eval_on(unit, x, backend), expected, rtol=RTOL64, what=f"v2 unit [{backend}]")

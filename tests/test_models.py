@@ -19,8 +19,8 @@ from torchvision.models import resnet as tv_resnet
 
 import fastres
 from conftest import (BIG, CONSTRUCTORS, assert_exactly_equal, assert_rel_close, assert_state_dicts_equal,
-                      build_pair, compare_train_accuracy, compare_train_results, randn, randomize_bn_, rel_error,
-                      same_storage, train_step)
+                      backend_scope, build_pair, compare_train_accuracy, compare_train_results, eval_on, randn,
+                      randomize_bn_, rel_error, same_storage, train_step)
 
 BACKENDS = ["default", "torch"]
 TRAIN_RTOL64 = 1e-8   # float64 training: measured ~1e-11 between two summation orders
@@ -28,29 +28,18 @@ EVAL_INPUTS = [((1, 3, 37, 45), False), ((1, 3, 37, 45), True), ((2, 3, 32, 32),
 TRAIN_SHAPE = (2, 3, 48, 48)   # layer4 at 2x2: 8 values per channel
 
 
-def _backend(name):
-    import contextlib
-    return contextlib.nullcontext() if name == "default" else fastres.use_backend(name)
-
-
-def _eval(model, x, backend="default"):
-    model.eval()
-    with _backend(backend), torch.no_grad():
-        return model(x)
-
-
 def _assert_eval_matches(tv, fr, shapes=EVAL_INPUTS, backend="default", dtype=torch.float32, what=""):
     for i, (shape, channels_last) in enumerate(shapes):
         x = randn(*shape, seed=10 + i, dtype=dtype, channels_last=channels_last)
-        expected = _eval(tv, x)
-        actual = _eval(fr, x, backend)
+        expected = eval_on(tv, x)
+        actual = eval_on(fr, x, backend)
         assert_rel_close(actual, expected, what=f"{what} eval {shape} channels_last={channels_last} [{backend}]")
 
 
 def _train_both(tv, fr, x, backend="default", layer_hooks=True):
     """One training step of (copies of) both models; returns (fastres results, torchvision results)."""
     expected = train_step(copy.deepcopy(tv), x, layer_hooks=layer_hooks)
-    with _backend(backend):
+    with backend_scope(backend):
         actual = train_step(copy.deepcopy(fr), x, layer_hooks=layer_hooks)
     return actual, expected
 
@@ -60,7 +49,7 @@ def _assert_train_matches(tv, fr, x, backend="default", fp32_direct=False, what=
     The models are not modified (each step runs on a copy)."""
     x64 = x.double()
     exact = train_step(copy.deepcopy(tv).double(), x64, layer_hooks=True)
-    with _backend(backend):
+    with backend_scope(backend):
         actual64 = train_step(copy.deepcopy(fr).double(), x64, layer_hooks=True)
     compare_train_results(actual64, exact, TRAIN_RTOL64, f"{what} float64 [{backend}]")
     del actual64
@@ -119,7 +108,7 @@ def test_constructor_train_matches_torchvision(zoo_pair):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
-def test_constructor_train_matches_torchvision_torch_backend(name):
+def test_constructor_train_matches_torchvision_torchbackend_scope(name):
     """The "torch" backend in training, on one net of each block kind."""
     tv, fr = build_pair(name, num_classes=10)
     _assert_train_matches(tv, fr, randn(*TRAIN_SHAPE, seed=3), "torch", fp32_direct=name == "resnet18", what=name)
@@ -147,9 +136,9 @@ def test_num_classes():
     tv, fr = build_pair("resnet18", num_classes=7)
     assert fr.fc.out_features == 7 and fr.fc.weight.shape == (7, 512)
     x = randn(2, 3, 32, 32)
-    y = _eval(fr, x)
+    y = eval_on(fr, x)
     assert y.shape == (2, 7)
-    assert_rel_close(y, _eval(tv, x))
+    assert_rel_close(y, eval_on(tv, x))
 
 
 def test_default_num_classes_is_1000():
@@ -191,7 +180,7 @@ def test_replace_stride_with_dilation():
     _assert_train_matches(tv, fr, randn(2, 3, 32, 32, seed=6), what="dilation")
 
 
-def test_replace_stride_with_dilation_resnet50_eval():
+def test_replace_stride_with_dilation_resnet50eval_output():
     tv, fr = build_pair("resnet50", replace_stride_with_dilation=[False, True, True], num_classes=10)
     _assert_eval_matches(tv, fr, shapes=EVAL_INPUTS[:2], what="resnet50 dilation")
 
@@ -304,7 +293,7 @@ def test_intermediate_layer_getter_and_syncbn_conversion():
         assert_rel_close(feats_fr[k].contiguous(), feats_tv[k].contiguous(), what=f"IntermediateLayerGetter {k}")
     sync_fr = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fr))
     assert any(isinstance(m, nn.SyncBatchNorm) for m in sync_fr.modules())
-    assert_rel_close(_eval(sync_fr, x), _eval(tv, x), what="SyncBatchNorm-converted eval")
+    assert_rel_close(eval_on(sync_fr, x), eval_on(tv, x), what="SyncBatchNorm-converted eval")
 
 
 # ---- blocks used on their own ----
@@ -350,14 +339,14 @@ def test_standalone_block_matches_torchvision(case, backend):
     for i, (shape, cl) in enumerate([((2, inplanes, 9, 11), False), ((2, inplanes, 9, 11), True),
                                      ((1, inplanes, 8, 8), False)]):
         x = randn(*shape, seed=30 + i, channels_last=cl)
-        assert_rel_close(_eval(fr, x, backend).contiguous(), _eval(tv, x).contiguous(),
+        assert_rel_close(eval_on(fr, x, backend).contiguous(), eval_on(tv, x).contiguous(),
                          what=f"block eval {shape} cl={cl}")
     x = randn(2, inplanes, 9, 11, seed=40)
     # Blocks are shallow and well conditioned: fp32 training is compared directly.
     for dtype, rtol in ((torch.float64, TRAIN_RTOL64), (torch.float32, 1e-4)):
         tv_d, fr_d = copy.deepcopy(tv).to(dtype), copy.deepcopy(fr).to(dtype)
         expected = train_step(tv_d, x.to(dtype))
-        with _backend(backend):
+        with backend_scope(backend):
             actual = train_step(fr_d, x.to(dtype))
         compare_train_results(actual, expected, rtol, f"block train {dtype}")
 
@@ -526,13 +515,13 @@ def test_every_constructor_accepts_its_weight_enum(monkeypatch):
 def test_deepcopy_and_state_dict_round_trip():
     tv, fr = build_pair("resnet18", num_classes=10)
     x = randn(2, 3, 32, 32)
-    y = _eval(fr, x)      # fills the fold cache
+    y = eval_on(fr, x)      # fills the fold cache
     twin = copy.deepcopy(fr)
-    assert_rel_close(_eval(twin, x), y, 1e-6, "deepcopy")
+    assert_rel_close(eval_on(twin, x), y, 1e-6, "deepcopy")
     with torch.no_grad():
         twin.layer1[0].conv1.weight.mul_(-1)
-    assert rel_error(_eval(twin, x), y) > 1e-3, "editing the copy had no effect"
-    assert_exactly_equal(_eval(fr, x), y, "original after editing its deepcopy")
+    assert rel_error(eval_on(twin, x), y) > 1e-3, "editing the copy had no effect"
+    assert_exactly_equal(eval_on(fr, x), y, "original after editing its deepcopy")
 
     buffer = io.BytesIO()
     torch.save(fr.state_dict(), buffer)
@@ -540,15 +529,15 @@ def test_deepcopy_and_state_dict_round_trip():
     sd = torch.load(buffer, weights_only=True)
     torch.manual_seed(123)
     fresh = fastres.resnet18(num_classes=10).eval()
-    before = _eval(fresh, x)          # a fresh model with its own cache
+    before = eval_on(fresh, x)          # a fresh model with its own cache
     assert rel_error(before, y) > 1e-3
     fresh.load_state_dict(sd)
     assert_state_dicts_equal(fresh.state_dict(), fr.state_dict(), "round trip")
-    assert_rel_close(_eval(fresh, x), y, 1e-6, "after load_state_dict")
+    assert_rel_close(eval_on(fresh, x), y, 1e-6, "after load_state_dict")
     # The fastres state_dict loads into torchvision strictly, and the other way round.
     tv2 = tvm.resnet18(num_classes=10)
     tv2.load_state_dict(fr.state_dict(), strict=True)
-    assert_rel_close(_eval(tv2, x), _eval(tv, x), 1e-6)
+    assert_rel_close(eval_on(tv2, x), eval_on(tv, x), 1e-6)
 
 
 def test_train_step_on_deepcopy_matches_original():
@@ -562,20 +551,20 @@ def test_train_step_on_deepcopy_matches_original():
 def test_pickle_whole_model(name):
     tv, fr = build_pair(name, num_classes=10)
     x = randn(1, 3, 37, 45)
-    y = _eval(fr, x)
+    y = eval_on(fr, x)
     clone = pickle.loads(pickle.dumps(fr))
     assert type(clone) is fastres.ResNet and not clone.training
     assert_state_dicts_equal(clone.state_dict(), fr.state_dict(), "pickled")
-    assert_rel_close(_eval(clone, x), y, 1e-6, "pickled")
+    assert_rel_close(eval_on(clone, x), y, 1e-6, "pickled")
     buffer = io.BytesIO()
     torch.save(fr, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert type(loaded) is fastres.ResNet
-    assert_rel_close(_eval(loaded, x), y, 1e-6, "torch.save(model)")
+    assert_rel_close(eval_on(loaded, x), y, 1e-6, "torch.save(model)")
     compare_train_results(train_step(loaded, randn(*TRAIN_SHAPE)), train_step(copy.deepcopy(fr), randn(*TRAIN_SHAPE)),
                           1e-6, "pickled train")
-    assert_rel_close(y, _eval(tv, x), what="pickled vs torchvision")
+    assert_rel_close(y, eval_on(tv, x), what="pickled vs torchvision")
 
 
 # =============================================================================================
@@ -597,26 +586,26 @@ def test_channels_last_model(name, backend):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_float64_model_eval(name, backend):
+def test_float64_modeleval_output(name, backend):
     tv, fr = build_pair(name, num_classes=10)
     tv, fr = tv.double(), fr.double()
     assert fr.conv1.weight.dtype == torch.float64
     for i, (shape, cl) in enumerate(EVAL_INPUTS[:3]):
         x = randn(*shape, seed=50 + i, dtype=torch.float64, channels_last=cl)
-        y = _eval(fr, x, backend)
+        y = eval_on(fr, x, backend)
         assert y.dtype == torch.float64
-        assert_rel_close(y, _eval(tv, x), 1e-10, f"float64 {name} {shape} cl={cl}")
+        assert_rel_close(y, eval_on(tv, x), 1e-10, f"float64 {name} {shape} cl={cl}")
 
 
 def test_output_layout_and_dtype_like_torchvision():
     tv, fr = build_pair("resnet18", num_classes=10)
     for cl in (False, True):
         x = randn(2, 3, 32, 32, channels_last=cl)
-        y, y_tv = _eval(fr, x), _eval(tv, x)
+        y, y_tv = eval_on(fr, x), eval_on(tv, x)
         assert y.shape == y_tv.shape and y.dtype == y_tv.dtype and y.is_contiguous()
     # a batch of one and a 1x1 feature map in layer4 (input 17x17)
     x = randn(1, 3, 17, 17, seed=2)
-    assert_rel_close(_eval(fr, x), _eval(tv, x), what="17x17")
+    assert_rel_close(eval_on(fr, x), eval_on(tv, x), what="17x17")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
@@ -624,9 +613,9 @@ def test_cpu_autocast_bfloat16(name):
     """Under autocast the output is bf16 like torchvision's and no further from the fp32 answer."""
     tv, fr = build_pair(name, num_classes=10)
     x = randn(2, 3, 32, 32, seed=16)
-    exact = _eval(tv, x)
+    exact = eval_on(tv, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, y_tv = _eval(fr, x), _eval(tv, x)
+        y, y_tv = eval_on(fr, x), eval_on(tv, x)
     assert y.dtype == y_tv.dtype == torch.bfloat16
     assert rel_error(y, exact) <= max(0.05, 3 * rel_error(y_tv, exact)), (
         f"bf16 autocast: fastres {rel_error(y, exact):.3g} from fp32, torchvision {rel_error(y_tv, exact):.3g}")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import conv_bn_act, fusable_relu
+from .init import init_like_torchvision_
 from .resnet import BasicBlock, _InvalidatesFolds
 
 __all__ = ["CifarResNet", "ZeroPadShortcut", "cifar_resnet20", "cifar_resnet32", "cifar_resnet44",
@@ -59,12 +60,7 @@ class CifarResNet(_InvalidatesFolds, nn.Module):
         self.layer3 = self._make_layer(64, layers[2], 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_like_torchvision_(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..nn import batch_norm_act, conv_bn_act, fusable_relu
 from ..nn.fused import _no_global_hooks, fusable_bn, fusable_conv
+from .init import init_like_torchvision_
 from .resnet import _InvalidatesFolds
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "ResNetV2", "resnet_v2_18", "resnet_v2_34", "resnet_v2_50",
@@ -124,12 +125,7 @@ class ResNetV2(_InvalidatesFolds, nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_like_torchvision_(self)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
