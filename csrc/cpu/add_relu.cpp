@@ -22,12 +22,12 @@ void add_relu_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* out,
     const Vec zero(scalar_t(0));
     for (; i + Vec::size() <= end; i += Vec::size()) {
       Vec sum = Vec::loadu(x + i) + Vec::loadu(residual + i);
-      at::vec::maximum(sum, zero).store(out + i);
+      at::vec::maximum(sum, zero).store(out + i);  // at::vec::maximum propagates NaN
     }
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     for (; i < end; ++i) {
       const acc_t sum = static_cast<acc_t>(x[i]) + static_cast<acc_t>(residual[i]);
-      out[i] = static_cast<scalar_t>(sum > 0 ? sum : acc_t(0));
+      out[i] = static_cast<scalar_t>(sum < 0 ? acc_t(0) : sum);  // NaN stays NaN, as in torch.relu
     }
   });
 }

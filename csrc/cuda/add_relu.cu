@@ -27,7 +27,7 @@ __global__ void add_relu_kernel(const T* __restrict__ a, const T* __restrict__ b
         po.v[k] = static_cast<acc_t<T>>(pb.v[k]) > 0 ? pa.v[k] : T(0);
       } else {
         const acc_t<T> s = static_cast<acc_t<T>>(pa.v[k]) + static_cast<acc_t<T>>(pb.v[k]);
-        po.v[k] = static_cast<T>(s > 0 ? s : acc_t<T>(0));
+        po.v[k] = static_cast<T>(s < 0 ? acc_t<T>(0) : s);  // NaN stays NaN, as in torch.relu
       }
     }
     reinterpret_cast<Pack<T, VEC>*>(out)[p] = po;

@@ -6,12 +6,24 @@ pre-packed once per input shape into oneDNN's preferred layout; without the shap
 oneDNN picks a poor layout for some layers (measured: 20 ms instead of 8 ms for the
 1024->512 1x1 conv of ResNet-50 at 14x14, batch 8). No autograd: used only when
 nothing needs a gradient, on channels_last float32 CPU tensors.
+
+NaN: oneDNN's fused ReLU maps NaN to 0 where torch.relu keeps it. So a call with a ReLU
+takes this path only when its operands are finite: weights are checked once when packed,
+activations by one summation per call (a NaN or Inf makes the sum non-finite; a finite
+overflow just sends the call to the exact path). A ResNet forward whose input is finite
+skips the per-call activation checks (`finite_activations`): with finite weights every
+activation stays finite unless an fp32 sum overflows, where torch's own result depends on
+the summation order.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional
 
 import torch
+
+from . import reference
 
 try:
     from torch.utils.weak import WeakIdKeyDictionary
@@ -27,10 +39,26 @@ AVAILABLE = bool(
     and hasattr(_mkldnn, "_reorder_convolution_weight")
 )
 
-# weight tensor -> {(weight version, input shape, conv geometry): packed weight}.
+# weight tensor -> {(weight version, input shape, conv geometry): (packed weight, weight is finite)}.
 # Weakly keyed, so packed copies die with the (folded) weight they came from.
 _packed = WeakIdKeyDictionary() if AVAILABLE else None
 _MAX_SHAPES_PER_WEIGHT = 8
+_local = threading.local()  # .activations_finite: set by a ResNet forward that checked its input
+
+
+@contextlib.contextmanager
+def finite_activations(finite: bool):
+    """Within this block (this thread), activations count as finite while every weight is."""
+    saved = getattr(_local, "activations_finite", False)
+    _local.activations_finite = finite
+    try:
+        yield
+    finally:
+        _local.activations_finite = saved
+
+
+def _finite(*tensors: Optional[torch.Tensor]) -> bool:
+    return all(t is None or bool(torch.isfinite(t.sum())) for t in tensors)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
@@ -40,7 +68,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tens
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (residual is not None and residual.requires_grad)):
         return False
-    if weight.is_inference() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or weight.is_inference():  # is_inference() breaks tracing
         return False
     return x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last)
 
@@ -55,14 +83,19 @@ def _packed_weight(weight, x_shape, stride, padding, dilation, groups):
         if len(per_weight) >= _MAX_SHAPES_PER_WEIGHT:
             per_weight.pop(next(iter(per_weight)))
         dense = weight.detach().contiguous(memory_format=torch.channels_last)
-        packed = _mkldnn._reorder_convolution_weight(
-            dense, list(padding), list(stride), list(dilation), groups, list(x_shape))
+        packed = (_mkldnn._reorder_convolution_weight(
+            dense, list(padding), list(stride), list(dilation), groups, list(x_shape)), _finite(dense))
         per_weight[key] = packed
     return packed
 
 
 def conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu):
-    packed = _packed_weight(weight, tuple(x.shape), stride, padding, dilation, groups)
+    packed, weight_finite = _packed_weight(weight, tuple(x.shape), stride, padding, dilation, groups)
+    parameters_finite = weight_finite and _finite(bias)
+    if not parameters_finite:
+        _local.activations_finite = False  # NaN/Inf enter this forward's activations here
+    if relu and not (parameters_finite and (getattr(_local, "activations_finite", False) or _finite(x, residual))):
+        return reference.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
     bias = None if bias is None else bias.detach()
     if residual is None:
         return _mkldnn._convolution_pointwise(
@@ -75,6 +108,7 @@ def conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, rel
 
 
 def bottleneck_tail(h, w3, x, wd, bias, stride, relu):
-    # The shortcut conv carries the summed bias; conv3 adds it as a fused residual.
+    # The shortcut conv carries the summed bias; conv3 adds it as a fused residual (whose
+    # finiteness conv2d_act checks before its ReLU).
     shortcut = conv2d_act(x, wd, bias, stride, (0, 0), (1, 1), 1, None, False)
     return conv2d_act(h, w3, None, (1, 1), (0, 0), (1, 1), 1, shortcut, relu)

@@ -17,7 +17,9 @@ def add_relu_kernel(x_ptr, r_ptr, y_ptr, n, BLOCK: tl.constexpr):
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, tl.maximum(x + r, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+    s = x + r
+    # where(s < 0) rather than maximum: on the GPU max() drops NaN, torch.relu keeps it.
+    tl.store(y_ptr + offs, tl.where(s < 0, 0.0, s).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -115,7 +115,7 @@ def bn_apply_kernel(x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, R, C, L,
         y += tl.load(res_ptr + _row_offsets(rows, L, srn, srl)[:, None] + cols64 * src, mask=mask,
                      other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0, 0.0, y)  # not maximum(): it drops NaN on the GPU, torch.relu keeps it
     tl.store(y_ptr + _row_offsets(rows, L, syn, syl)[:, None] + cols64 * syc, y.to(y_ptr.dtype.element_ty),
              mask=mask)
 

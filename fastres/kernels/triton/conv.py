@@ -91,7 +91,7 @@ def conv2d_act_kernel(
         r_off = (n_idx * srn + oh64 * srh + ow64 * srw)[:, None] + ch64[None, :] * src
         acc += tl.load(res_ptr + r_off, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0, 0.0, acc)  # not maximum(): it drops NaN on the GPU, torch.relu keeps it
     y_off = (n_idx * syn + oh64 * syh + ow64 * syw)[:, None] + ch64[None, :] * syc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
