@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import conv_bn_act, fusable_relu
+from ..ops import checks
 from .init import init_like_torchvision_
 from .resnet import BasicBlock, _InvalidatesFolds
 
@@ -76,6 +77,7 @@ class CifarResNet(_InvalidatesFolds, nn.Module):
         return nn.Sequential(*units)
 
     def forward(self, x: Tensor) -> Tensor:
+        checks.model_input(x, self.conv1)
         if fusable_relu(self.relu):
             x = conv_bn_act(self.conv1, self.bn1, x, relu=True)
         else:

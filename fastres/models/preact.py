@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import checks
 from ..nn import batch_norm_act, conv_bn_act, fusable_relu
 from ..nn.fused import _no_global_hooks, fusable_bn, fusable_conv
 from .init import init_like_torchvision_
@@ -137,6 +138,7 @@ class ResNetV2(_InvalidatesFolds, nn.Module):
         return nn.Sequential(*units)
 
     def forward(self, x: Tensor) -> Tensor:
+        checks.model_input(x, self.conv1)
         x = self.maxpool(self.conv1(x))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         if fusable_relu(self.relu) and fusable_bn(self.final_bn) and _no_global_hooks():

@@ -18,7 +18,7 @@ from torchvision.models import resnet as tv_resnet
 from .. import ops
 from ..nn import conv_bn_act, folded_conv_bn, fusable_pair, fusable_relu, memory_format_of, uses_running_stats
 from ..nn.folding import invalidate_all
-from ..ops import onednn
+from ..ops import checks, onednn
 from ..ops.backend import get_backend
 
 __all__ = [
@@ -136,10 +136,18 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
                     _move_stride_to_1x1(module)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        checks.model_input(x, self.conv1)
         if not fusable_relu(self.relu):
             return super()._forward_impl(x)
         if self._channels_last_inference(x):
             x = x.contiguous(memory_format=torch.channels_last)
+            if not torch.compiler.is_compiling():  # traced graphs never take the oneDNN path
+                # One check of the (small) input spares the oneDNN path a NaN check per layer.
+                with onednn.finite_activations(bool(torch.isfinite(x).all())):
+                    return self._fused_forward(x)
+        return self._fused_forward(x)
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
         x = conv_bn_act(self.conv1, self.bn1, x, relu=True)
         x = self.maxpool(x)
         x = self.layer1(x)

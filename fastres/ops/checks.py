@@ -89,3 +89,25 @@ def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, di
             f"padding {padding} and dilation {dilation}"
         )
     return n, weight.shape[0], out_h, out_w
+
+
+def model_input(x: object, first_conv: object) -> None:
+    """A network's input against its first convolution: errors that name the input, not an inner layer."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"the model input must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"the model input must be 4-D (N, C, H, W); got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"the model input must have a floating dtype; got {x.dtype}")
+    weight = getattr(first_conv, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        return  # a replaced stem: it checks its own input
+    expected = weight.shape[1] * getattr(first_conv, "groups", 1)
+    if x.shape[1] != expected:
+        raise ValueError(f"the model input has {x.shape[1]} channels but the model's first conv expects {expected}")
+    if x.device != weight.device and weight.device.type != "meta":
+        raise ValueError(f"the model input is on {x.device} but the model's parameters are on {weight.device}; "
+                         f"expected the same device")
+    if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
+        raise TypeError(f"the model input has dtype {x.dtype} but the model's parameters have {weight.dtype}; "
+                        f"convert one of them (for example model.to(x.dtype))")
