@@ -105,7 +105,7 @@ def model_input(x: object, first_conv: object) -> None:
     expected = weight.shape[1] * getattr(first_conv, "groups", 1)
     if x.shape[1] != expected:
         raise ValueError(f"the model input has {x.shape[1]} channels but the model's first conv expects {expected}")
-    if x.device != weight.device and weight.device.type != "meta":
+    if x.device != weight.device:
         raise ValueError(f"the model input is on {x.device} but the model's parameters are on {weight.device}; "
                          f"expected the same device")
     if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
