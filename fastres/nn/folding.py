@@ -4,12 +4,13 @@ The folded (weight, bias) of a conv+BN pair are cached per conv module and keyed
 every input tensor's identity, storage, version counter, dtype and device, BN's eps,
 and a global generation. Version counters see in-place edits made through autograd-
 visible ops (`copy_` in load_state_dict, `mul_` under no_grad, non-fused optimizers);
-replacements (`.to()`, `.half()`, `param.data = t`) change the storage. Three updates
+replacements (`.to()`, `.half()`, `param.data = t`) change the storage. Four updates
 bypass version counters, so they bump the generation instead: optimizer steps (fused
 optimizers write parameters without a version bump; a global step hook catches every
 optimizer), BatchNorm's running-statistic update (done inside the kernel: fastres's
-training BN path and train()/eval() switches of fastres modules bump the generation), and
-module conversions. The entry keeps the folded-from tensors alive, so a freed storage
+training BN path and train()/eval() switches of fastres modules bump the generation),
+module conversions, and DistributedDataParallel's buffer broadcast before each forward
+(it preserves the version counters on purpose; its `_sync_buffers` is wrapped here). The entry keeps the folded-from tensors alive, so a freed storage
 cannot come back at the same address and fake a match.
 
 Not detectable: in-place edits through `.data` (PyTorch gives `.data` a fresh version
@@ -19,6 +20,7 @@ fine-tuning with frozen statistics) the fold is recomputed inside autograd every
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -47,6 +49,28 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
 
 
 register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _invalidate_after_ddp_buffer_sync() -> None:
+    """DDP copies rank 0's buffers into every replica under _unsafe_preserve_version_counter, so
+    a replica's folds of its own statistics would look current: make them stale after each sync."""
+    ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+    sync = getattr(ddp, "_sync_buffers", None)
+    if sync is None or getattr(sync, "_fastres_invalidates", False):
+        return
+
+    @functools.wraps(sync)
+    def _sync_buffers(self, *args, **kwargs):
+        try:
+            return sync(self, *args, **kwargs)
+        finally:
+            invalidate_all()
+
+    _sync_buffers._fastres_invalidates = True
+    ddp._sync_buffers = _sync_buffers
+
+
+_invalidate_after_ddp_buffer_sync()
 
 
 def _tensor_key(t: Optional[torch.Tensor]):
