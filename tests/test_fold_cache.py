@@ -327,6 +327,22 @@ def test_double_then_float(pair):
     assert_rel_close(_out(fr, x.double()), _out(tv, x.double()), 1e-10, f"{name} after .to(float64)")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_round_trip(pair):
+    """CPU -> GPU -> edit on the GPU -> CPU: each device folds from the values it holds now."""
+    name, tv, fr = pair
+    x = randn(*X_SHAPE, seed=1)
+    _prime(tv, fr, x)
+    tv.cuda(), fr.cuda()
+    assert_rel_close(_out(fr, x.cuda()).cpu(), _out(tv, x.cuda()).cpu(), 1e-4, f"{name} on the GPU")
+    with torch.no_grad():
+        for model in (tv, fr):
+            model.layer1[0].bn1.running_var.mul_(0.01)
+    assert_rel_close(_out(fr, x.cuda()).cpu(), _out(tv, x.cuda()).cpu(), 1e-4, f"{name} GPU edit")
+    tv.cpu(), fr.cpu()
+    _check(tv, fr, x, f"{name} back on the CPU")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_after_fp32_forward(pair, dtype):
     name, tv, fr = pair
