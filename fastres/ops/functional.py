@@ -33,7 +33,10 @@ def _compiled(x: torch.Tensor) -> bool:
 
 
 def _autocast_dtype(x: torch.Tensor):
-    """The dtype autocast would run a convolution in, or None (custom ops are not autocast by torch)."""
+    """The dtype autocast would run a convolution in, or None (custom ops are not autocast by torch).
+    Like torch's autocast, float64 is never cast."""
+    if x.dtype == torch.float64:
+        return None
     try:
         enabled = torch.is_autocast_enabled(x.device.type)
     except TypeError:  # torch < 2.4

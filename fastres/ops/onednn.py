@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import checks, reference
 
 try:
     from torch.utils.weak import WeakIdKeyDictionary
@@ -70,6 +70,8 @@ def applies(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tens
         return False
     if torch.compiler.is_compiling() or weight.is_inference():  # is_inference() breaks tracing
         return False
+    if checks._autocast_enabled("cpu"):
+        return False  # autocast asked for low-precision convolutions: the reference runs them like torch
     return x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last)
 
 
