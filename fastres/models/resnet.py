@@ -143,7 +143,7 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
             x = x.contiguous(memory_format=torch.channels_last)
             if not torch.compiler.is_compiling():  # traced graphs never take the oneDNN path
                 # One check of the (small) input spares the oneDNN path a NaN check per layer.
-                with onednn.finite_activations(bool(torch.isfinite(x).all())):
+                with onednn.finite_activations(onednn.all_finite(x)):
                     return self._fused_forward(x)
         return self._fused_forward(x)
 

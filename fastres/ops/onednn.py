@@ -57,7 +57,9 @@ def finite_activations(finite: bool):
         _local.activations_finite = saved
 
 
-def _finite(*tensors: Optional[torch.Tensor]) -> bool:
+def all_finite(*tensors: Optional[torch.Tensor]) -> bool:
+    """No NaN or Inf in any of them: one sum each, no temporary mask (a finite sum that overflows
+    says False, which only costs the exact path)."""
     return all(t is None or bool(torch.isfinite(t.sum())) for t in tensors)
 
 
@@ -86,17 +88,17 @@ def _packed_weight(weight, x_shape, stride, padding, dilation, groups):
             per_weight.pop(next(iter(per_weight)))
         dense = weight.detach().contiguous(memory_format=torch.channels_last)
         packed = (_mkldnn._reorder_convolution_weight(
-            dense, list(padding), list(stride), list(dilation), groups, list(x_shape)), _finite(dense))
+            dense, list(padding), list(stride), list(dilation), groups, list(x_shape)), all_finite(dense))
         per_weight[key] = packed
     return packed
 
 
 def conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu):
     packed, weight_finite = _packed_weight(weight, tuple(x.shape), stride, padding, dilation, groups)
-    parameters_finite = weight_finite and _finite(bias)
+    parameters_finite = weight_finite and all_finite(bias)
     if not parameters_finite:
         _local.activations_finite = False  # NaN/Inf enter this forward's activations here
-    if relu and not (parameters_finite and (getattr(_local, "activations_finite", False) or _finite(x, residual))):
+    if relu and not (parameters_finite and (getattr(_local, "activations_finite", False) or all_finite(x, residual))):
         return reference.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
     bias = None if bias is None else bias.detach()
     if residual is None:
