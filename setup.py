@@ -44,7 +44,9 @@ def _extensions():
     cuda_sources = _sources("csrc/cuda/*.cu")
     use_cuda = (bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                 and os.environ.get("FASTRES_SKIP_CUDA") != "1")
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for is inline OpenMP code; without the flag the CPU kernels run on one thread.
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     define_macros = []
     if use_cuda:
         # Compiling needs no GPU; without one torch cannot guess the architectures (with one,
@@ -54,11 +56,11 @@ def _extensions():
         define_macros.append(("FASTRES_WITH_CUDA", None))
         extension = cpp_extension.CUDAExtension(
             "fastres._C", cpp_sources + cuda_sources, define_macros=define_macros,
-            library_dirs=_cudart_dirs(cpp_extension.CUDA_HOME),
+            library_dirs=_cudart_dirs(cpp_extension.CUDA_HOME), extra_link_args=link_flags,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]})
     else:
         extension = cpp_extension.CppExtension("fastres._C", cpp_sources, define_macros=define_macros,
-                                               extra_compile_args={"cxx": cxx_flags})
+                                               extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -36,6 +36,12 @@ using OptTensor = c10::optional<at::Tensor>;
       bool need_param_grads);
 
 FASTRES_DECLARE_KERNELS(cpu)
+
+// CPU only (AVX-512): relu(conv3x3(x, W) + bias + residual), stride 1, padding 1, by Winograd
+// F(2x2, 3x3); x and residual channels_last float32, W pre-transformed by
+// fastres/ops/winograd.py (see csrc/cpu/winograd.cpp).
+at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const OptTensor& bias,
+                                const OptTensor& residual, bool relu);
 #ifdef FASTRES_WITH_CUDA
 FASTRES_DECLARE_KERNELS(cuda)
 #endif

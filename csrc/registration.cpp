@@ -24,6 +24,7 @@ TORCH_LIBRARY(fastres, m) {
   m.def("batch_norm_backward(Tensor grad, Tensor y, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, "
         "bool training, bool relu, bool need_residual_grad, bool need_param_grads) -> (Tensor, Tensor, Tensor, "
         "Tensor)");
+  m.def("conv3x3_winograd(Tensor x, Tensor packed_weight, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
 }
 
 #define FASTRES_BIND_KERNELS(m, SUFFIX)                                   \
@@ -33,7 +34,10 @@ TORCH_LIBRARY(fastres, m) {
   m.impl("batch_norm_apply", &fastres::batch_norm_apply_##SUFFIX);        \
   m.impl("batch_norm_backward", &fastres::batch_norm_backward_##SUFFIX);
 
-TORCH_LIBRARY_IMPL(fastres, CPU, m) { FASTRES_BIND_KERNELS(m, cpu) }
+TORCH_LIBRARY_IMPL(fastres, CPU, m) {
+  FASTRES_BIND_KERNELS(m, cpu)
+  m.impl("conv3x3_winograd", &fastres::conv3x3_winograd_cpu);  // CPU inference only
+}
 
 #ifdef FASTRES_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastres, CUDA, m) { FASTRES_BIND_KERNELS(m, cuda) }

@@ -1,5 +1,7 @@
 """CPU inference fast path: oneDNN convolutions with the epilogue fused as post-ops.
 
+(3x3 stride-1 convolutions take Winograd instead where it applies: winograd.py.)
+
 PyTorch ships oneDNN's fused convolution (the operator Inductor emits for CPU):
 conv + bias + (residual add) + ReLU in one pass over the output. Weights are
 pre-packed once per input shape into oneDNN's preferred layout; without the shape
@@ -23,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from . import checks, reference
+from . import checks, reference, winograd
 
 try:
     from torch.utils.weak import WeakIdKeyDictionary
@@ -39,10 +41,12 @@ AVAILABLE = bool(
     and hasattr(_mkldnn, "_reorder_convolution_weight")
 )
 
-# weight tensor -> {(weight version, input shape, conv geometry): (packed weight, weight is finite)}.
+# weight tensor -> {(weight version, input shape and conv geometry, or "winograd"): (packed weight, weight is
+# finite)}.
 # Weakly keyed, so packed copies die with the (folded) weight they came from.
 _packed = WeakIdKeyDictionary() if AVAILABLE else None
 _MAX_SHAPES_PER_WEIGHT = 8
+_bias_finite = WeakIdKeyDictionary() if AVAILABLE else None  # bias tensor -> (version, is finite)
 _local = threading.local()  # .activations_finite: set by a ResNet forward that checked its input
 
 
@@ -77,8 +81,9 @@ def applies(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tens
     return x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _packed_weight(weight, x_shape, stride, padding, dilation, groups):
-    key = (weight._version, x_shape, stride, padding, dilation, groups)
+def _packed_weight(weight, key, pack):
+    """pack(dense weight), cached per weight tensor, weight version and key; with whether it is finite."""
+    key = (weight._version,) + key
     per_weight = _packed.get(weight)
     if per_weight is None:
         per_weight = _packed[weight] = {}
@@ -87,25 +92,49 @@ def _packed_weight(weight, x_shape, stride, padding, dilation, groups):
         if len(per_weight) >= _MAX_SHAPES_PER_WEIGHT:
             per_weight.pop(next(iter(per_weight)))
         dense = weight.detach().contiguous(memory_format=torch.channels_last)
-        packed = (_mkldnn._reorder_convolution_weight(
-            dense, list(padding), list(stride), list(dilation), groups, list(x_shape)), all_finite(dense))
-        per_weight[key] = packed
+        packed = per_weight[key] = (pack(dense), all_finite(dense))
     return packed
 
 
+def _finite_bias(bias) -> bool:
+    """all_finite(bias), remembered per bias version: the folded biases are the same tensors every call."""
+    if bias is None:
+        return True
+    if bias.is_inference():  # made in this forward (a projection tail's summed bias): no version to key on
+        return all_finite(bias)
+    known = _bias_finite.get(bias)
+    if known is None or known[0] != bias._version:
+        known = _bias_finite[bias] = (bias._version, all_finite(bias))
+    return known[1]
+
+
 def conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu):
-    packed, weight_finite = _packed_weight(weight, tuple(x.shape), stride, padding, dilation, groups)
-    parameters_finite = weight_finite and all_finite(bias)
+    # 3x3 stride-1 convolutions go to Winograd (winograd.py) when every operand is finite:
+    # its transforms would turn one Inf into NaNs across a tile.
+    use_winograd = winograd.applies(x, weight, stride, padding, dilation, groups)
+    if use_winograd:
+        packed, weight_finite = _packed_weight(weight, ("winograd",), winograd.pack_weight)
+    else:
+        packed, weight_finite = _packed_weight(
+            weight, (tuple(x.shape), stride, padding, dilation, groups),
+            lambda dense: _mkldnn._reorder_convolution_weight(
+                dense, list(padding), list(stride), list(dilation), groups, list(x.shape)))
+    parameters_finite = weight_finite and _finite_bias(bias)
     if not parameters_finite:
         _local.activations_finite = False  # NaN/Inf enter this forward's activations here
-    if relu and not (parameters_finite and (getattr(_local, "activations_finite", False) or all_finite(x, residual))):
-        return reference.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+    if relu or use_winograd:
+        finite = parameters_finite and (getattr(_local, "activations_finite", False) or all_finite(x, residual))
+        if not finite:
+            return reference.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
     bias = None if bias is None else bias.detach()
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    if use_winograd:
+        return winograd.conv3x3(x, packed, None if bias is None else bias.contiguous(), residual, relu)
     if residual is None:
         return _mkldnn._convolution_pointwise(
             x, packed, bias, list(padding), list(stride), list(dilation), groups,
             "relu" if relu else "none", [], "")
-    residual = residual.contiguous(memory_format=torch.channels_last)
     return _mkldnn._convolution_pointwise.binary(
         x, residual, packed, bias, list(padding), list(stride), list(dilation), groups,
         "add", None, "relu" if relu else None, [], "")

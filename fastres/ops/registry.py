@@ -280,6 +280,12 @@ def _add_relu_backward_using(relu_backward_op):
     return backward
 
 
+def _fake_winograd(x, packed_weight, bias, residual, relu):
+    n, _, h, w = x.shape
+    return x.new_empty((n, packed_weight.shape[1] * packed_weight.shape[3], h, w)).contiguous(
+        memory_format=torch.channels_last)
+
+
 def _register_family(prefix: str, relu_backward_op, backward_op) -> None:
     """Fake implementations and autograd for one backend's BN / add+ReLU operators."""
     for name, fake in (("batch_norm_stats", _fake_stats), ("batch_norm_apply", _fake_apply),
@@ -304,6 +310,7 @@ def register_compiled_ops() -> None:
     global COMPILED_BN
     ops = torch.ops.fastres
     _register_family("", ops.relu_backward, ops.batch_norm_backward)
+    torch.library.register_fake(f"{LIB}::conv3x3_winograd", _fake_winograd)  # inference only: no autograd
     COMPILED_BN = (ops.batch_norm_stats, ops.batch_norm_apply)
 
 

@@ -1,0 +1,61 @@
+"""CPU inference: 3x3 stride-1 convolutions by Winograd F(2x2, 3x3) (kernel: csrc/cpu/winograd.cpp).
+
+oneDNN's direct convolution already runs near the CPU's fp32 peak, so the 3x3 convolutions
+(most of a ResNet's FLOPs after the 1x1s) get faster only with fewer multiplies: F(2x2, 3x3)
+needs 2.25x fewer. Its transforms only add and subtract, so results stay within a few ulps of
+the direct sum (tests/test_winograd.py). Used by the CPU fast path (onednn.py) on AVX-512
+machines for channels_last float32 inference; FASTRES_WINOGRAD=0 turns it off.
+
+Transformed weights U = G w G^T are packed once per weight version as
+(16 transform points, Cout/32 panels, Cin, 32): the GEMM kernel reads one panel row per input
+channel as two 16-float vectors.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+PANEL = 32  # output channels per packed panel (csrc/cpu/winograd.cpp kPanel)
+MIN_TILES_PER_THREAD = 96  # below this, oneDNN's direct convolution wins (see `applies`)
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_available = None
+
+
+def available() -> bool:
+    """fastres._C has the kernel, this CPU has AVX-512 (as torch sees it) and nobody turned it off."""
+    global _available
+    if _available is None:
+        try:
+            has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("fastres::conv3x3_winograd", "CPU")
+        except RuntimeError:  # fastres._C not loaded: the operator does not exist
+            has_kernel = False
+        capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+        _available = has_kernel and capability.startswith("AVX512") and os.environ.get("FASTRES_WINOGRAD") != "0"
+    return _available
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
+    """A 3x3, stride 1, padding 1 convolution the kernel covers (x already checked channels_last fp32)
+    with enough 2x2 tiles per thread to pay for reading the transformed weights (16/9 of the
+    weights' size) from memory. Measured in ResNet-50 at batch 8 on 2 cores: 7x7x512 (64 tiles per
+    thread) ran 10 ms against oneDNN's 7.3 ms, 14x14x256 (196 per thread) 4.3 ms against 7.7 ms."""
+    if not (tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
+            and tuple(dilation) == (1, 1) and groups == 1 and x.shape[1] % 16 == 0
+            and weight.shape[0] % PANEL == 0 and available()):
+        return False
+    n, _, h, w = x.shape
+    return n * ((h + 1) // 2) * ((w + 1) // 2) >= MIN_TILES_PER_THREAD * torch.get_num_threads()
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, 3, 3) -> U = G w G^T packed as (16, Cout/32, Cin, 32) float32 (computed in float64)."""
+    cout, cin = weight.shape[:2]
+    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ak,oikl,bl->aboi", g, weight.detach().double(), g)
+    return u.reshape(16, cout // PANEL, PANEL, cin).transpose(2, 3).contiguous().float()
+
+
+def conv3x3(x, packed_weight, bias, residual, relu):
+    """relu(conv3x3(x) + bias + residual) with operands checked finite by the caller."""
+    return torch.ops.fastres.conv3x3_winograd(x, packed_weight, bias, residual, relu)
