@@ -124,3 +124,25 @@ def test_settings_quick_on_cpu_and_overrides():
     assert full.points == (("fp32", "nchw"), ("fp32", "channels_last"))
     with pytest.raises(ValueError, match="FASTRES_BENCH_BATCHES"):
         Settings.from_environment({"FASTRES_BENCH_BATCHES": "0"})
+
+
+def test_verify_checks_the_timed_shape_and_catches_a_wrong_model(monkeypatch):
+    from fastres.bench import verify
+
+    torch.manual_seed(0)
+    tv = verify.randomize_batch_norm_(torchvision.models.resnet18(num_classes=10))
+    small, timed = torch.randn(2, 3, 64, 64), torch.randn(1, 3, 96, 80)
+    checks = verify.verify_against_torchvision(tv, small, timed_x=timed)
+    names = [check.what for check in checks]
+    assert "eval output at (1, 3, 96, 80)" in names and all(check.ok for check in checks), checks
+
+    convert = verify.from_torchvision
+
+    def off_by_a_little(model):
+        fast = convert(model)
+        with torch.no_grad():
+            fast.layer1[0].conv1.weight.mul_(1.01)
+        return fast
+    monkeypatch.setattr(verify, "from_torchvision", off_by_a_little)
+    checks = verify.verify_against_torchvision(tv, small, timed_x=timed)
+    assert not any(check.ok for check in checks if check.what.startswith("eval output"))

@@ -144,8 +144,9 @@ def _speedups(rows: List[dict], dtype: str) -> None:
 
 
 def _verify(config: Config, tv_model, record: dict) -> bool:
-    checks = verify_against_torchvision(tv_model, torch.randn(2, 3, 64, 64, device=config.device))
-    print("Checking fastres against torchvision (fp32, TF32 off, 2x3x64x64):")
+    timed = torch.randn(config.batches[0], 3, config.size, config.size, device=config.device)
+    checks = verify_against_torchvision(tv_model, torch.randn(2, 3, 64, 64, device=config.device), timed_x=timed)
+    print("Checking fastres against torchvision (fp32, TF32 off, 2x3x64x64 and the first timed shape):")
     for check in checks:
         print(f"verify {check.what:42s} max rel error {check.error:.2e} "
               f"{'OK' if check.ok else 'FAILED'} (tolerance {check.tolerance:.0e})")

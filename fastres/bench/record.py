@@ -43,7 +43,7 @@ def markdown(record: dict) -> str:
         f"fastres {env['fastres']} at commit {env['fastres_commit']}, default backend `{env['backend']}`.",
         f"Command: `{record['command']}`",
         f"Numerics against torchvision: {verdict}.",
-        f"Measured peak (matmul): " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in record["peak_tflops"].items()) +
+        "Measured peak (matmul): " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in record["peak_tflops"].items()) +
         f"; peak memory: {memory}.",
         f"Timing: {record['warmup']} warm-up and {record['rounds']} timed calls per variant, median and standard "
         f"deviation; TFLOP/s counts conv + fc FLOPs (training step = 3x forward).",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -43,8 +43,12 @@ class Check:
         return self.error <= self.tolerance
 
 
-def verify_against_torchvision(tv_model: nn.Module, x: torch.Tensor, tolerance: float = 1e-4) -> List[Check]:
-    """Compare fastres.from_torchvision(tv_model) with tv_model on input x (fp32 numerics, TF32 off)."""
+def verify_against_torchvision(tv_model: nn.Module, x: torch.Tensor, tolerance: float = 1e-4,
+                               timed_x: Optional[torch.Tensor] = None) -> List[Check]:
+    """Compare fastres.from_torchvision(tv_model) with tv_model on input x (fp32 numerics, TF32 off):
+    eval output, and one training step (outputs, gradients, running statistics). With timed_x, also
+    the eval output at the timed shape: some kernels are chosen by shape (the CPU path's Winograd
+    convolutions need enough tiles), so a small check input alone would not test what is timed."""
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -52,6 +56,9 @@ def verify_against_torchvision(tv_model: nn.Module, x: torch.Tensor, tolerance: 
         fast = from_torchvision(reference)
         with torch.inference_mode():
             checks = [Check("eval output", relative_error(fast(x), reference(x)), tolerance)]
+            if timed_x is not None:
+                checks.append(Check(f"eval output at {tuple(timed_x.shape)}",
+                                    relative_error(fast(timed_x), reference(timed_x)), tolerance))
         reference.train(), fast.train()
         x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
         out_ref, out_fast = reference(x_ref), fast(x_fast)
