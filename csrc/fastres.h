@@ -38,8 +38,8 @@ using OptTensor = c10::optional<at::Tensor>;
 FASTRES_DECLARE_KERNELS(cpu)
 
 // CPU only (AVX-512): relu(conv3x3(x, W) + bias + residual), stride 1, padding 1, by Winograd
-// F(2x2, 3x3); x and residual channels_last float32, W pre-transformed by
-// fastres/ops/winograd.py (see csrc/cpu/winograd.cpp).
+// F(2x2, 3x3) or F(4x4, 3x3) (told by packed_weight's first dimension, 16 or 36); x and residual
+// channels_last float32, W pre-transformed by fastres/ops/winograd.py (see csrc/cpu/winograd.cpp).
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const OptTensor& bias,
                                 const OptTensor& residual, bool relu);
 #ifdef FASTRES_WITH_CUDA

@@ -42,8 +42,8 @@ AVAILABLE = bool(
     and hasattr(_mkldnn, "_reorder_convolution_weight")
 )
 
-# weight tensor -> {(weight version, input shape and conv geometry, or "winograd"): (packed weight, weight is
-# finite)}.
+# weight tensor -> {(weight version, input shape and conv geometry, or ("winograd", tile)): (packed weight,
+# weight is finite)}.
 # Weakly keyed, so packed copies die with the (folded) weight they came from.
 _packed = WeakIdKeyDictionary() if AVAILABLE else None
 _MAX_SHAPES_PER_WEIGHT = 8
@@ -115,7 +115,9 @@ def conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, rel
     # its transforms would turn one Inf into NaNs across a tile.
     use_winograd = winograd.applies(x, weight, stride, padding, dilation, groups)
     if use_winograd:
-        packed, weight_finite = _packed_weight(weight, ("winograd",), winograd.pack_weight)
+        tile = winograd.tile_size(x)
+        packed, weight_finite = _packed_weight(weight, ("winograd", tile),
+                                               lambda dense: winograd.pack_weight(dense, tile))
     else:
         packed, weight_finite = _packed_weight(
             weight, (tuple(x.shape), stride, padding, dilation, groups),

@@ -1,13 +1,17 @@
-"""CPU inference: 3x3 stride-1 convolutions by Winograd F(2x2, 3x3) (kernel: csrc/cpu/winograd.cpp).
+"""CPU inference: 3x3 stride-1 convolutions by Winograd F(MxM, 3x3) (kernel: csrc/cpu/winograd.cpp).
 
 oneDNN's direct convolution already runs near the CPU's fp32 peak, so the 3x3 convolutions
-(most of a ResNet's FLOPs after the 1x1s) get faster only with fewer multiplies: F(2x2, 3x3)
-needs 2.25x fewer. Its transforms only add and subtract, so results stay within a few ulps of
-the direct sum (tests/test_winograd.py). Used by the CPU fast path (onednn.py) on AVX-512
-machines for channels_last float32 inference; FASTRES_WINOGRAD=0 turns it off.
+(most of a ResNet's FLOPs after the 1x1s) get faster only with fewer multiplies:
+- F(4x4, 3x3), 4x fewer, where the image is a whole number of 4x4 tiles (ResNet-50's 56x56 and
+  28x28 stages: measured 4.8 and 4.0 ms per conv against 6.4 and 5.5 with F(2x2)). Its rounding
+  error is ~20x the direct sum's, still ~5e-6 relative at 256 input channels;
+- F(2x2, 3x3), 2.25x fewer, elsewhere: only additions in its transforms, so results stay within
+  a few ulps of the direct sum (measured ~4e-7 relative).
+Used by the CPU fast path (onednn.py) on AVX-512 machines for channels_last float32 inference.
+FASTRES_WINOGRAD=0 turns it off; FASTRES_WINOGRAD=2 keeps F(2x2, 3x3) only (direct-sum accuracy).
 
 Transformed weights U = G w G^T are packed once per weight version as
-(16 transform points, Cout/32 panels, Cin, 32): the GEMM kernel reads one panel row per input
+((M+2)^2 transform points, Cout/32 panels, Cin, 32): the GEMM kernel reads one panel row per input
 channel as two 16-float vectors.
 """
 from __future__ import annotations
@@ -18,7 +22,12 @@ import torch
 
 PANEL = 32  # output channels per packed panel (csrc/cpu/winograd.cpp kPanel)
 MIN_TILES_PER_THREAD = 96  # below this, oneDNN's direct convolution wins (see `applies`)
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# G of F(MxM, 3x3) for the output tile sizes M the kernel has (csrc/cpu/winograd.cpp has B^T, A^T)
+_G = {
+    2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+    4: ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0)),
+}
 _available = None
 
 
@@ -48,12 +57,19 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gr
     return n * ((h + 1) // 2) * ((w + 1) // 2) >= MIN_TILES_PER_THREAD * torch.get_num_threads()
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(Cout, Cin, 3, 3) -> U = G w G^T packed as (16, Cout/32, Cin, 32) float32 (computed in float64)."""
+def tile_size(x: torch.Tensor) -> int:
+    """The output tile M for x: 4 where the image is whole 4x4 tiles (no wasted work), else 2."""
+    _, _, h, w = x.shape
+    return 4 if h % 4 == 0 and w % 4 == 0 and os.environ.get("FASTRES_WINOGRAD") != "2" else 2
+
+
+def pack_weight(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
+    """(Cout, Cin, 3, 3) -> U = G w G^T of F(tile x tile, 3x3), packed as ((tile+2)^2, Cout/32, Cin, 32)
+    float32 (computed in float64)."""
     cout, cin = weight.shape[:2]
-    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
+    g = torch.tensor(_G[tile], dtype=torch.float64, device=weight.device)
     u = torch.einsum("ak,oikl,bl->aboi", g, weight.detach().double(), g)
-    return u.reshape(16, cout // PANEL, PANEL, cin).transpose(2, 3).contiguous().float()
+    return u.reshape(len(g) ** 2, cout // PANEL, PANEL, cin).transpose(2, 3).contiguous().float()
 
 
 def conv3x3(x, packed_weight, bias, residual, relu):
