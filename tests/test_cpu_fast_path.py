@@ -74,3 +74,83 @@ def test_bottleneck_tail_joined_weight_follows_edits(stride, mode):
     w3.add_(0.5)
     check(wd, "after w3.add_")
     check(other_wd, "another shortcut weight")
+
+
+# ---- a block writes its output over its dead input (onednn.reusable_activations) ------------------
+
+@pytest.fixture
+def reuse_count(monkeypatch):
+    taken = []
+    original = onednn._reusable
+
+    def counting(residual, x):
+        result = original(residual, x)
+        taken.append(result)
+        return result
+
+    monkeypatch.setattr(onednn, "_reusable", counting)
+    return taken
+
+
+def _pair(name="resnet50"):
+    from conftest import build_pair
+    return build_pair(name, num_classes=10)
+
+
+@pytest.mark.skipif(not onednn.INPLACE_AVAILABLE, reason="no in-place oneDNN convolution in this torch")
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_outputs_written_in_place_give_the_same_numbers(reuse_count, name, mode):
+    from conftest import assert_rel_close, randn
+    tv, fr = _pair(name)
+    x = randn(3, 3, 64, 64, seed=4, channels_last=True)
+    x_before = x.clone()
+    with mode():
+        fast = fr.eval()(x)
+        assert any(reuse_count), "no block reused its input"
+        reuse_count.clear()
+        handle = fr.fc.register_forward_hook(lambda *args: None)  # any hook: every output is fresh
+        careful = fr(x)
+        handle.remove()
+        assert not any(reuse_count)
+        expected = tv.eval()(x)
+    assert torch.equal(fast, careful)
+    assert_rel_close(fast, expected, 1e-4, what=name)
+    assert torch.equal(x, x_before), "the caller's input changed"
+
+
+def test_hooked_block_outputs_are_never_overwritten(reuse_count):
+    from conftest import assert_rel_close, randn
+    tv, fr = _pair("resnet50")
+    captured = {}
+    for model in (tv, fr):
+        for i, block in enumerate(model.layer1):
+            block.register_forward_hook(lambda m, inp, out, key=(model is fr, i): captured.__setitem__(key, out))
+    x = randn(2, 3, 64, 64, seed=5)
+    with torch.inference_mode():
+        tv.eval()(x), fr.eval()(x)
+    assert not any(reuse_count)
+    for i in range(len(fr.layer1)):
+        assert_rel_close(captured[(True, i)], captured[(False, i)], 1e-4, what=f"layer1[{i}] output")
+
+
+def test_blocks_called_directly_keep_their_input(reuse_count):
+    from conftest import randn
+    _, fr = _pair("resnet50")
+    h = randn(2, 64, 9, 9, seed=6, channels_last=True)
+    h_before = h.clone()
+    with torch.inference_mode():
+        fr.eval().layer1(h)
+    assert torch.equal(h, h_before) and not any(reuse_count)
+
+
+def test_custom_blocks_turn_reuse_off(reuse_count):
+    from conftest import randn
+
+    class MyBottleneck(fastres.Bottleneck):
+        pass
+    torch.manual_seed(0)
+    model = fastres.ResNet(MyBottleneck, [1, 1, 1, 1], num_classes=10).eval()
+    with torch.inference_mode():
+        model(randn(1, 3, 64, 64, seed=7))
+    assert not any(reuse_count)

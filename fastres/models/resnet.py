@@ -143,7 +143,8 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
             x = x.contiguous(memory_format=torch.channels_last)
             if not torch.compiler.is_compiling():  # traced graphs never take the oneDNN path
                 # One check of the (small) input spares the oneDNN path a NaN check per layer.
-                with onednn.finite_activations(onednn.all_finite(x)):
+                with onednn.finite_activations(onednn.all_finite(x)), \
+                        onednn.reusable_activations(self._activations_private()):
                     return self._fused_forward(x)
         return self._fused_forward(x)
 
@@ -157,6 +158,19 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+    def _activations_private(self) -> bool:
+        """Whether only this forward sees the blocks' outputs (so a block may write its output over its
+        dead input): every block is a fastres block, and no hook anywhere could keep an output."""
+        module_hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+        global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                        "_global_backward_pre_hooks")
+        if any(getattr(nn.modules.module, name, None) for name in global_hooks):
+            return False
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            if type(layer) is not nn.Sequential or any(type(block) not in (BasicBlock, Bottleneck) for block in layer):
+                return False
+        return not any(getattr(module, name, None) for module in self.modules() for name in module_hooks)
 
     def _channels_last_inference(self, x: Tensor) -> bool:
         return (not self.training and isinstance(x, Tensor) and x.dim() == 4 and x.device.type == "cpu"

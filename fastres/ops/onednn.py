@@ -41,6 +41,7 @@ AVAILABLE = bool(
     and hasattr(_mkldnn, "_convolution_pointwise")
     and hasattr(_mkldnn, "_reorder_convolution_weight")
 )
+INPLACE_AVAILABLE = AVAILABLE and hasattr(_mkldnn, "_convolution_pointwise_")  # (see reusable_activations)
 
 # weight tensor -> {(weight version, input shape and conv geometry, or ("winograd", tile)): (packed weight,
 # weight is finite)}.
@@ -110,7 +111,41 @@ def _finite_bias(bias) -> bool:
     return known[1]
 
 
+@contextlib.contextmanager
+def reusable_activations(enabled: bool):
+    """Within this block (this thread), a convolution whose residual was made by an earlier call of
+    this fast path in the block writes its output over that residual instead of a new tensor.
+
+    For a ResNet forward whose activations nobody else can see (fastres blocks only, no hooks): a
+    block's input is dead once its residual add has read it, and a fresh 25 MB output costs ~6000
+    page faults on the CPU (measured: resnet50 at batch 8 ran ~10% faster with the outputs in place)."""
+    saved = getattr(_local, "reusable", None)
+    _local.reusable = weakref.WeakValueDictionary() if enabled else None  # id -> tensor made here
+    try:
+        yield
+    finally:
+        _local.reusable = saved
+
+
+def _made_here(out: torch.Tensor) -> torch.Tensor:
+    reusable = getattr(_local, "reusable", None)
+    if reusable is not None:
+        reusable[id(out)] = out
+    return out
+
+
+def _reusable(residual: torch.Tensor, x: torch.Tensor) -> bool:
+    reusable = getattr(_local, "reusable", None)
+    return (reusable is not None and INPLACE_AVAILABLE and reusable.get(id(residual)) is residual
+            and residual.is_contiguous(memory_format=torch.channels_last)
+            and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+
+
 def conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    return _made_here(_conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu))
+
+
+def _conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu):
     # 3x3 stride-1 convolutions go to Winograd (winograd.py) when every operand is finite:
     # its transforms would turn one Inf into NaNs across a tile.
     use_winograd = winograd.applies(x, weight, stride, padding, dilation, groups)
@@ -131,17 +166,20 @@ def conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, rel
         if not finite:
             return reference.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
     bias = None if bias is None else bias.detach()
-    if residual is not None:
-        residual = residual.contiguous(memory_format=torch.channels_last)
     if use_winograd:
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
         return winograd.conv3x3(x, packed, None if bias is None else bias.contiguous(), residual, relu)
     if residual is None:
         return _mkldnn._convolution_pointwise(
             x, packed, bias, list(padding), list(stride), list(dilation), groups,
             "relu" if relu else "none", [], "")
-    return _mkldnn._convolution_pointwise.binary(
-        x, residual, packed, bias, list(padding), list(stride), list(dilation), groups,
-        "add", None, "relu" if relu else None, [], "")
+    geometry = (bias, list(padding), list(stride), list(dilation), groups, "add", None, "relu" if relu else None,
+                [], "")
+    if _reusable(residual, x):  # the in-place form takes the residual first, then x
+        return _mkldnn._convolution_pointwise_.binary(residual, x, packed, *geometry)
+    return _mkldnn._convolution_pointwise.binary(x, residual.contiguous(memory_format=torch.channels_last),
+                                                 packed, *geometry)
 
 
 def _joined_weight(w3, wd):
