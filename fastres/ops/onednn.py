@@ -48,9 +48,10 @@ INPLACE_AVAILABLE = AVAILABLE and hasattr(_mkldnn, "_convolution_pointwise_")  #
 # Weakly keyed, so packed copies die with the (folded) weight they came from.
 _packed = WeakIdKeyDictionary() if AVAILABLE else None
 _MAX_SHAPES_PER_WEIGHT = 8
-_bias_finite = WeakIdKeyDictionary() if AVAILABLE else None
-_joined = WeakIdKeyDictionary() if AVAILABLE else None  # conv3 weight -> (shortcut weight ref, versions, [w3|wd])  # bias tensor -> (version, is finite)
-_local = threading.local()  # .activations_finite: set by a ResNet forward that checked its input
+_bias_finite = WeakIdKeyDictionary() if AVAILABLE else None  # bias tensor -> (version, is finite)
+_joined = WeakIdKeyDictionary() if AVAILABLE else None  # conv3 weight -> (shortcut weight ref, versions, [w3|wd])
+# .activations_finite: set by a ResNet forward that checked its input; .reusable: see reusable_activations
+_local = threading.local()
 
 
 @contextlib.contextmanager
