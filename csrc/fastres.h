@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <string>
 #include <tuple>
 
 namespace fastres {
@@ -37,11 +38,12 @@ using OptTensor = c10::optional<at::Tensor>;
 
 FASTRES_DECLARE_KERNELS(cpu)
 
-// CPU only (AVX-512): relu(conv3x3(x, W) + bias + residual), stride 1, padding 1, by Winograd
-// F(2x2, 3x3) or F(4x4, 3x3) (told by packed_weight's first dimension, 16 or 36); x and residual
-// channels_last float32, W pre-transformed by fastres/ops/winograd.py (see csrc/cpu/winograd.cpp).
+// CPU only (x86-64, AVX-512 or AVX2 + FMA): relu(conv3x3(x, W) + bias + residual), stride 1,
+// padding 1, by Winograd F(2x2, 3x3) or F(4x4, 3x3) (told by packed_weight's first dimension, 16
+// or 36); x and residual channels_last float32, W pre-transformed by fastres/ops/winograd.py;
+// isa = "auto" (the widest the CPU has), "avx512" or "avx2" (see csrc/cpu/winograd.cpp).
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const OptTensor& bias,
-                                const OptTensor& residual, bool relu);
+                                const OptTensor& residual, bool relu, std::string isa);
 #ifdef FASTRES_WITH_CUDA
 FASTRES_DECLARE_KERNELS(cuda)
 #endif

@@ -24,7 +24,8 @@ TORCH_LIBRARY(fastres, m) {
   m.def("batch_norm_backward(Tensor grad, Tensor y, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, "
         "bool training, bool relu, bool need_residual_grad, bool need_param_grads) -> (Tensor, Tensor, Tensor, "
         "Tensor)");
-  m.def("conv3x3_winograd(Tensor x, Tensor packed_weight, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
+  m.def("conv3x3_winograd(Tensor x, Tensor packed_weight, Tensor? bias, Tensor? residual, bool relu, "
+        "str isa=\"auto\") -> Tensor");
 }
 
 #define FASTRES_BIND_KERNELS(m, SUFFIX)                                   \

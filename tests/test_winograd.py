@@ -4,7 +4,9 @@ The kernel against float64 convolutions at odd shapes (partial edge tiles, 1x1 i
 and 3, channels that are not powers of two), with each tile size's accuracy; the routing (which
 convolutions take it and with which tile, and that a ResNet really does), non-finite operands,
 weight edits, and the kernel's own argument checks.
-The fast path needs AVX-512 (the CI machine has it); elsewhere these tests skip.
+The kernel is built for AVX-512 and for AVX2 + FMA; the kernel tests run on every one of them this
+CPU has (both on an AVX-512 machine), the routing tests on the one the fast path picks. On a CPU
+with neither (or without fastres._C) these tests skip.
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ from conftest import RTOL, assert_rel_close, build_pair, eval_on, randn
 from reference_math import assert_close, conv2d_act as conv2d_act_ref
 
 pytestmark = pytest.mark.skipif(not (onednn.AVAILABLE and winograd.available()),
-                                reason="Winograd needs fastres._C, oneDNN and an AVX-512 CPU")
+                                reason="Winograd needs fastres._C, oneDNN and an x86-64 CPU with AVX2 + FMA or AVX-512")
+ISAS = winograd.supported_isas()
 
 
 @pytest.fixture
 def any_size(monkeypatch):
     """Route every eligible convolution to Winograd, however few tiles it has (tests use small images)."""
-    monkeypatch.setattr(winograd, "MIN_TILES_PER_THREAD", 0)
+    monkeypatch.setattr(winograd, "MIN_TILES_PER_THREAD", dict.fromkeys(ISAS, 0))
 
 
 @pytest.fixture
@@ -64,14 +67,15 @@ def assert_within(actual, expected, rtol, what):
     assert torch.isfinite(actual).all() and error <= rtol * scale, f"{what}: error {error:.3g} > {rtol} x {scale:.3g}"
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias,residual,relu", [(True, True, True), (True, False, True), (False, False, False),
                                                 (False, True, False)])
-def test_kernel_matches_float64(shape, bias, residual, relu, tile):
+def test_kernel_matches_float64(shape, bias, residual, relu, tile, isa):
     x, weight, b, r = _operands(*shape)
     b, r = (b if bias else None), (r if residual else None)
-    y = winograd.conv3x3(x, winograd.pack_weight(weight, tile), b, r, relu)
+    y = winograd.conv3x3(x, winograd.pack_weight(weight, tile), b, r, relu, isa)
     assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.float32
     expected = conv2d_act_ref(x, weight, b, padding=1, residual=r, relu=relu)
     assert_within(y, expected, TILE_TOLERANCE[tile], f"F({tile}x{tile}) {shape}")
@@ -87,12 +91,13 @@ def test_tile_size_follows_the_image(h, w, tile, monkeypatch):
     assert winograd.tile_size(torch.empty(1, 16, h, w)) == 2
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("tile", [2, 4])
-def test_kernel_relu_keeps_nan(tile):
+def test_kernel_relu_keeps_nan(tile, isa):
     # Callers route non-finite operands away, but the fused ReLU itself must not turn NaN into 0.
     x, weight, bias, _ = _operands(1, 16, 4, 4, 32)
     x[0, 3, 1, 2] = float("nan")
-    y = winograd.conv3x3(x, winograd.pack_weight(weight, tile), bias, None, True)
+    y = winograd.conv3x3(x, winograd.pack_weight(weight, tile), bias, None, True, isa)
     assert torch.isnan(y[0, :, 1, 2]).all()
 
 
@@ -127,7 +132,7 @@ def test_other_convolutions_stay_on_onednn(winograd_calls, case):
 
 
 def test_few_tiles_stay_on_onednn(winograd_calls, monkeypatch):
-    monkeypatch.setattr(winograd, "MIN_TILES_PER_THREAD", 1000)
+    monkeypatch.setattr(winograd, "MIN_TILES_PER_THREAD", dict.fromkeys(ISAS, 1000))
     x, weight, bias, _ = _operands(1, 32, 8, 8, 32)
     with torch.no_grad():
         ops.conv2d_act(x, weight, bias, padding=1, relu=True)
@@ -198,3 +203,32 @@ def test_kernel_rejects_bad_arguments():
     for expected_words, args in cases.items():
         with pytest.raises(RuntimeError, match=expected_words):
             op(*args)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_instruction_sets_agree(tile):
+    # Both builds of one kernel source sum in the same order per output: the same bits where both run.
+    if len(ISAS) < 2:
+        pytest.skip("this CPU runs only one of the kernel's instruction sets")
+    x, weight, bias, residual = _operands(3, 48, 13, 17, 64, seed=21)
+    packed = winograd.pack_weight(weight, tile)
+    results = [winograd.conv3x3(x, packed, bias, residual, True, isa) for isa in ISAS]
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+def test_fast_path_uses_torch_cpu_capability():
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert winograd.isa() == ("avx512" if capability.startswith("AVX512") else "avx2")
+    assert torch.ops.fastres.conv3x3_winograd.default._schema.arguments[-1].name == "isa"
+
+
+def test_kernel_rejects_unknown_or_missing_instruction_set():
+    x, weight, bias, _ = _operands(1, 16, 5, 5, 32)
+    packed = winograd.pack_weight(weight)
+    op = torch.ops.fastres.conv3x3_winograd
+    with pytest.raises(RuntimeError, match='isa must be "auto", "avx512" or "avx2", got "sse2"'):
+        op(x, packed, bias, None, True, "sse2")
+    if "avx512" not in ISAS:  # this CPU lacks AVX-512: asking for it is an error, not a crash
+        with pytest.raises(RuntimeError, match="has no avx512 kernel"):
+            op(x, packed, bias, None, True, "avx512")
+    assert torch.equal(op(x, packed, bias, None, True), op(x, packed, bias, None, True, ISAS[0]))  # "auto"

@@ -7,7 +7,9 @@ oneDNN's direct convolution already runs near the CPU's fp32 peak, so the 3x3 co
   error is ~20x the direct sum's, still ~5e-6 relative at 256 input channels;
 - F(2x2, 3x3), 2.25x fewer, elsewhere: only additions in its transforms, so results stay within
   a few ulps of the direct sum (measured ~4e-7 relative).
-Used by the CPU fast path (onednn.py) on AVX-512 machines for channels_last float32 inference.
+Used by the CPU fast path (onednn.py) for channels_last float32 inference on x86-64 CPUs with
+AVX-512 or AVX2 + FMA: the kernel is compiled for both, and runs on the instruction set torch's own
+CPU kernels use (`torch.backends.cpu.get_cpu_capability()`, which ATEN_CPU_CAPABILITY=avx2 lowers).
 FASTRES_WINOGRAD=0 turns it off; FASTRES_WINOGRAD=2 keeps F(2x2, 3x3) only (direct-sum accuracy).
 
 Transformed weights U = G w G^T are packed once per weight version as
@@ -16,12 +18,16 @@ channel as two 16-float vectors.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 PANEL = 32  # output channels per packed panel (csrc/cpu/winograd.cpp kPanel)
-MIN_TILES_PER_THREAD = 96  # below this, oneDNN's direct convolution wins (see `applies`)
+# Below this many 2x2 tiles per thread oneDNN's direct convolution wins (see `applies`), per
+# instruction set: oneDNN's direct AVX2 convolution is further from the machine's peak than its
+# AVX-512 one, so Winograd pays off sooner there.
+MIN_TILES_PER_THREAD = {"avx512": 96, "avx2": 32}
 # G of F(MxM, 3x3) for the output tile sizes M the kernel has (csrc/cpu/winograd.cpp has B^T, A^T)
 _G = {
     2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
@@ -31,30 +37,48 @@ _G = {
 _available = None
 
 
+@functools.lru_cache(maxsize=None)
+def supported_isas() -> tuple:
+    """The kernel's instruction sets this CPU runs, widest first, as torch sees the CPU:
+    ("avx512", "avx2"), ("avx2",) or () (not x86-64, or fastres._C not built)."""
+    try:
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("fastres::conv3x3_winograd", "CPU")
+    except RuntimeError:  # fastres._C not loaded: the operator does not exist
+        has_kernel = False
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    if not has_kernel:
+        return ()
+    if capability.startswith("AVX512"):
+        return ("avx512", "avx2")
+    return ("avx2",) if capability == "AVX2" else ()
+
+
+def isa() -> str:
+    """The instruction set the fast path runs the kernel on (only meaningful where available())."""
+    return supported_isas()[0]
+
+
 def available() -> bool:
-    """fastres._C has the kernel, this CPU has AVX-512 (as torch sees it) and nobody turned it off."""
+    """fastres._C has the kernel, this CPU runs one of its instruction sets and nobody turned it off."""
     global _available
     if _available is None:
-        try:
-            has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("fastres::conv3x3_winograd", "CPU")
-        except RuntimeError:  # fastres._C not loaded: the operator does not exist
-            has_kernel = False
-        capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-        _available = has_kernel and capability.startswith("AVX512") and os.environ.get("FASTRES_WINOGRAD") != "0"
+        _available = bool(supported_isas()) and os.environ.get("FASTRES_WINOGRAD") != "0"
     return _available
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
     """A 3x3, stride 1, padding 1 convolution the kernel covers (x already checked channels_last fp32)
     with enough 2x2 tiles per thread to pay for reading the transformed weights (16/9 of the
-    weights' size) from memory. Measured in ResNet-50 at batch 8 on 2 cores: 7x7x512 (64 tiles per
-    thread) ran 10 ms against oneDNN's 7.3 ms, 14x14x256 (196 per thread) 4.3 ms against 7.7 ms."""
+    weights' size) from memory. Measured in ResNet-50 at batch 8 on 2 cores, 7x7x512 (64 tiles per
+    thread): AVX-512 (Zen 4) 10 ms against oneDNN's 7.3 ms, AVX2 (Zen 3) 9.6 ms against 11.9 ms;
+    14x14x256 (196 per thread) on AVX-512: 4.3 ms against 7.7 ms. AVX2, one conv alone: 7x7x512 at
+    16 tiles per thread 4.5 ms against 4.6 ms (even), at 8 per thread 3.1 ms against 2.2 ms."""
     if not (tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
             and tuple(dilation) == (1, 1) and groups == 1 and x.shape[1] % 16 == 0
             and weight.shape[0] % PANEL == 0 and available()):
         return False
     n, _, h, w = x.shape
-    return n * ((h + 1) // 2) * ((w + 1) // 2) >= MIN_TILES_PER_THREAD * torch.get_num_threads()
+    return n * ((h + 1) // 2) * ((w + 1) // 2) >= MIN_TILES_PER_THREAD[isa()] * torch.get_num_threads()
 
 
 def tile_size(x: torch.Tensor) -> int:
@@ -72,6 +96,7 @@ def pack_weight(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
     return u.reshape(len(g) ** 2, cout // PANEL, PANEL, cin).transpose(2, 3).contiguous().float()
 
 
-def conv3x3(x, packed_weight, bias, residual, relu):
-    """relu(conv3x3(x) + bias + residual) with operands checked finite by the caller."""
-    return torch.ops.fastres.conv3x3_winograd(x, packed_weight, bias, residual, relu)
+def conv3x3(x, packed_weight, bias, residual, relu, isa_name=None):
+    """relu(conv3x3(x) + bias + residual) with operands checked finite by the caller, on `isa_name`
+    (default: isa())."""
+    return torch.ops.fastres.conv3x3_winograd(x, packed_weight, bias, residual, relu, isa_name or isa())
