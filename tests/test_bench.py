@@ -85,7 +85,8 @@ def test_cli_json_and_markdown_record(tmp_path, capsys):
     assert re.search(r"Forward across 2 steps, .* sec / batch", printed)
     record = json.loads(out.read_text())
     env = record["environment"]
-    for key in ("device", "device_type", "torch", "cuda", "triton", "torchvision", "fastres", "fastres_commit"):
+    for key in ("device", "device_type", "cpu_capability", "torch", "cuda", "triton", "torchvision", "fastres",
+                "fastres_commit"):
         assert key in env, key
     assert record["model"] == "resnet18" and record["batches"] == [1, 2] and record["modes"] == ["infer", "train"]
     rows = record["results"]

@@ -44,6 +44,9 @@ def describe(device: torch.device) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu": _cpu_name(),
         "cpu_cores": os.cpu_count(),
+        # the vector instruction set torch's CPU kernels (and fastres's Winograd kernel) run on:
+        # "AMD EPYC" alone does not tell a Zen 3 (AVX2) from a Zen 4 (AVX512)
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")(),
         "device_type": device.type,
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),

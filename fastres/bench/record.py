@@ -38,7 +38,8 @@ def markdown(record: dict) -> str:
         f"batch {', '.join(str(b) for b in record['batches'])}, {record['size']}x{record['size']}",
         "",
         f"Device: {env['device']}" + (f" (driver {env.get('driver')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')})"
-                                      if env["device_type"] == "cuda" else f", {env['cpu_threads']} threads"),
+                                      if env["device_type"] == "cuda" else
+                                      f" ({env.get('cpu_capability', 'unknown')}), {env['cpu_threads']} threads"),
         f"Versions: torch {env['torch']}, torchvision {env['torchvision']}, triton {env['triton']}, "
         f"fastres {env['fastres']} at commit {env['fastres_commit']}, default backend `{env['backend']}`.",
         f"Command: `{record['command']}`",
