@@ -10,13 +10,16 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
-// GCC 12's avx512fintrin.h makes _mm512_undefined_ps() (inside _mm512_max_ps) from itself, and
-// -Wall then reports it as maybe uninitialised at every inlined ReLU: a false alarm.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
 namespace fastres {
 namespace winograd {
 
+// GCC's avx512fintrin.h makes _mm512_undefined_ps() (inside _mm512_max_ps) from itself, and
+// -Wall then reports it as maybe uninitialised at every inlined ReLU: a false alarm, silenced
+// for the AVX-512 build only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #define FASTRES_ISA __attribute__((target("avx512f,fma")))
 #define FASTRES_SIMD(op) _mm512_##op##_ps
 namespace avx512 {
@@ -28,6 +31,9 @@ constexpr int64_t kWidth = 16;
 }  // namespace avx512
 #undef FASTRES_ISA
 #undef FASTRES_SIMD
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 #define FASTRES_ISA __attribute__((target("avx2,fma")))
 #define FASTRES_SIMD(op) _mm256_##op##_ps

@@ -1,9 +1,10 @@
-"""CPU inference: 3x3 stride-1 convolutions by Winograd F(MxM, 3x3) (kernel: csrc/cpu/winograd.cpp).
+"""CPU inference: 3x3 stride-1 convolutions by Winograd F(MxM, 3x3) (the operator is
+csrc/cpu/winograd.cpp, its kernel csrc/cpu/winograd_kernel.h).
 
-oneDNN's direct convolution already runs near the CPU's fp32 peak, so the 3x3 convolutions
-(most of a ResNet's FLOPs after the 1x1s) get faster only with fewer multiplies:
+oneDNN's direct convolution runs near the CPU's fp32 peak with AVX-512 (and below it with AVX2), so
+the 3x3 convolutions (most of a ResNet's FLOPs after the 1x1s) get faster only with fewer multiplies:
 - F(4x4, 3x3), 4x fewer, where the image is a whole number of 4x4 tiles (ResNet-50's 56x56 and
-  28x28 stages: measured 4.8 and 4.0 ms per conv against 6.4 and 5.5 with F(2x2)). Its rounding
+  28x28 stages, on AVX-512: measured 4.8 and 4.0 ms per conv against 6.4 and 5.5 with F(2x2)). Its rounding
   error is ~20x the direct sum's, still ~5e-6 relative at 256 input channels;
 - F(2x2, 3x3), 2.25x fewer, elsewhere: only additions in its transforms, so results stay within
   a few ulps of the direct sum (measured ~4e-7 relative).
@@ -13,8 +14,8 @@ CPU kernels use (`torch.backends.cpu.get_cpu_capability()`, which ATEN_CPU_CAPAB
 FASTRES_WINOGRAD=0 turns it off; FASTRES_WINOGRAD=2 keeps F(2x2, 3x3) only (direct-sum accuracy).
 
 Transformed weights U = G w G^T are packed once per weight version as
-((M+2)^2 transform points, Cout/32 panels, Cin, 32): the GEMM kernel reads one panel row per input
-channel as two 16-float vectors.
+((M+2)^2 transform points, Cout/32 panels, Cin, 32): per input channel the GEMM kernel reads a
+panel row of 32 floats as two AVX-512 vectors, or in two passes of two AVX2 vectors.
 """
 from __future__ import annotations
 
@@ -23,18 +24,22 @@ import os
 
 import torch
 
-PANEL = 32  # output channels per packed panel (csrc/cpu/winograd.cpp kPanel)
+PANEL = 32  # output channels per packed panel (kPanel in csrc/cpu/winograd.h)
 # Below this many 2x2 tiles per thread oneDNN's direct convolution wins (see `applies`), per
 # instruction set: oneDNN's direct AVX2 convolution is further from the machine's peak than its
 # AVX-512 one, so Winograd pays off sooner there.
 MIN_TILES_PER_THREAD = {"avx512": 96, "avx2": 32}
-# G of F(MxM, 3x3) for the output tile sizes M the kernel has (csrc/cpu/winograd.cpp has B^T, A^T)
+# G of F(MxM, 3x3) for the output tile sizes M the kernel has (csrc/cpu/winograd.h has B^T, A^T)
 _G = {
     2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
     4: ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
         (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0)),
 }
 _available = None
+
+
+def _cpu_capability() -> str:
+    return getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,7 +50,7 @@ def supported_isas() -> tuple:
         has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("fastres::conv3x3_winograd", "CPU")
     except RuntimeError:  # fastres._C not loaded: the operator does not exist
         has_kernel = False
-    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    capability = _cpu_capability()
     if not has_kernel:
         return ()
     if capability.startswith("AVX512"):
@@ -54,8 +59,13 @@ def supported_isas() -> tuple:
 
 
 def isa() -> str:
-    """The instruction set the fast path runs the kernel on (only meaningful where available())."""
-    return supported_isas()[0]
+    """The instruction set the fast path runs the kernel on: the widest of supported_isas()."""
+    isas = supported_isas()
+    if not isas:
+        raise RuntimeError("fastres Winograd: no instruction set of the kernel (AVX-512, AVX2 + FMA) is usable "
+                           f"here (torch's CPU capability: {_cpu_capability() or 'unknown'}, "
+                           "or fastres._C is not built)")
+    return isas[0]
 
 
 def available() -> bool:
