@@ -4,8 +4,8 @@
 // split of the tiles into blocks over the threads. The kernel is winograd_kernel.h, compiled for
 // each instruction set by winograd_isas.cpp.
 //
-// Why: on the CPU, oneDNN's direct convolution already runs near the fp32 peak, so the only
-// way left to make a ResNet's 3x3 convolutions faster is fewer multiplies. F(MxM, 3x3) makes
+// Why: oneDNN's direct convolution runs near the fp32 peak with AVX-512 (and below it with AVX2),
+// so the only way left to make a ResNet's 3x3 convolutions faster is fewer multiplies. F(MxM, 3x3) makes
 // each MxM output tile from an (M+2)x(M+2) input tile with (M+2)^2 multiplies per channel pair
 // instead of 9 M^2: 2.25x fewer for M = 2 (whose transforms only add and subtract, so fp32
 // results stay within a few ulps of the direct sum), 4x fewer for M = 4 (about 20x the
@@ -45,8 +45,8 @@ bool cpu_supports(const std::string& isa) {
 // "auto": the widest instruction set this CPU and build have.
 BlockFn block_function(std::string isa, int tile) {
   if (isa == "auto") isa = cpu_supports("avx512") ? "avx512" : "avx2";
-  TORCH_CHECK(isa == "avx512" || isa == "avx2", "conv3x3_winograd: isa must be \"auto\", \"avx512\" or \"avx2\", got \"",
-              isa, "\"");
+  TORCH_CHECK(isa == "avx512" || isa == "avx2",
+              "conv3x3_winograd: isa must be \"auto\", \"avx512\" or \"avx2\", got \"", isa, "\"");
   const BlockFn block = isa == "avx512" ? winograd::avx512_block(tile) : winograd::avx2_block(tile);
   TORCH_CHECK(block != nullptr && cpu_supports(isa), "conv3x3_winograd: this CPU or build has no ", isa,
               " kernel (it needs an x86-64 CPU with ", isa == "avx512" ? "AVX-512" : "AVX2 and FMA", ")");
