@@ -3,6 +3,9 @@
 Environment:
   FASTRES_SKIP_EXT=1     build no extension (fastres then runs on the "torch" backend)
   FASTRES_SKIP_CUDA=1    build the CPU kernels only
+  FASTRES_SKIP_CUDNN=1   build no cuDNN graphs (csrc/cuda/cudnn_graphs.cpp) even where the headers are found
+  CUDNN_FRONTEND_INCLUDE directory holding cudnn_frontend.h (default: the nvidia-cudnn-frontend wheel's)
+  CUDNN_INCLUDE          directory holding cudnn.h (default: the nvidia-cudnn-cu* wheel's, then CUDA_HOME)
   TORCH_CUDA_ARCH_LIST   CUDA architectures (default: the visible GPUs, else "8.0;9.0"; no GPU is
                          needed to compile)
   MAX_JOBS               parallel compile jobs (ninja)
@@ -27,6 +30,48 @@ def _cudart_dirs(cuda_home):
     candidates = [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
     candidates += sorted(glob.glob("/usr/local/cuda*/lib64")) + sorted(glob.glob("/usr/local/cuda*/lib"))
     return [d for d in candidates if os.path.exists(os.path.join(d, "libcudart.so"))][:1]
+
+
+def _cuda_include_dirs(cuda_home):
+    """Where cuda_runtime_api.h and nvrtc.h are, for the host-compiled (c++) TU that includes
+    cudnn_frontend: nvcc finds its headers itself, torch adds only CUDA_HOME/include (which misses
+    nvcc-in-/usr/local/bin layouts), and a minimal CUDA install may lack nvrtc.h, which torch's
+    nvidia-cuda wheels ship."""
+    candidates = [os.path.join(cuda_home, "include")] + sorted(glob.glob("/usr/local/cuda*/include"))
+    candidates += [p for d in _site_dirs() for p in sorted(glob.glob(os.path.join(d, "nvidia", "*", "include")))]
+    dirs = []
+    for header in ("cuda_runtime_api.h", "nvrtc.h"):
+        found = [d for d in candidates if os.path.exists(os.path.join(d, header))][:1]
+        dirs += [d for d in found if d not in dirs]
+    return dirs
+
+
+def _site_dirs():
+    import site
+    import sysconfig
+    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]] + list(site.getsitepackages())
+    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
+
+
+def _cudnn_graph_dirs(cuda_home):
+    """(include dirs, library dir) for the cuDNN graph code, or None with the reason it is skipped."""
+    if os.environ.get("FASTRES_SKIP_CUDNN") == "1":
+        return None, "FASTRES_SKIP_CUDNN=1"
+    frontend = [os.environ["CUDNN_FRONTEND_INCLUDE"]] if os.environ.get("CUDNN_FRONTEND_INCLUDE") else \
+        [os.path.join(d, "include") for d in _site_dirs()]  # the nvidia-cudnn-frontend wheel's headers
+    frontend = [d for d in frontend if os.path.exists(os.path.join(d, "cudnn_frontend.h"))][:1]
+    cudnn = [os.environ["CUDNN_INCLUDE"]] if os.environ.get("CUDNN_INCLUDE") else \
+        [os.path.join(d, "nvidia", "cudnn", "include") for d in _site_dirs()] + [os.path.join(cuda_home, "include")]
+    cudnn = [d for d in cudnn if os.path.exists(os.path.join(d, "cudnn.h"))][:1]
+    if not frontend:
+        return None, "cudnn_frontend.h not found (pip install nvidia-cudnn-frontend, or set CUDNN_FRONTEND_INCLUDE)"
+    if not cudnn:
+        return None, "cudnn.h not found (set CUDNN_INCLUDE)"
+    libs = [os.path.join(os.path.dirname(cudnn[0]), "lib"), os.path.join(cuda_home, "lib64")]
+    libs = [d for d in libs if glob.glob(os.path.join(d, "libcudnn.so*"))][:1]
+    if not libs:
+        return None, f"libcudnn.so not found next to {cudnn[0]}"
+    return (frontend + cudnn, libs[0]), ""
 
 
 def _extensions():
@@ -54,9 +99,23 @@ def _extensions():
         if not torch.cuda.is_available():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         define_macros.append(("FASTRES_WITH_CUDA", None))
+        # The cuDNN graphs: one host-only TU (cudnn_frontend is header-only and slow to compile),
+        # linked against torch's own libcudnn (already loaded by torch at import).
+        include_dirs, library_dirs, libraries = [], _cudart_dirs(cpp_extension.CUDA_HOME), []
+        graph_sources = _sources("csrc/cuda/*.cpp")
+        found, why_not = _cudnn_graph_dirs(cpp_extension.CUDA_HOME)
+        if found is not None and graph_sources:
+            include_dirs += found[0] + _cuda_include_dirs(cpp_extension.CUDA_HOME)
+            library_dirs.append(found[1])
+            libcudnn = sorted(glob.glob(os.path.join(found[1], "libcudnn.so*")))[0]
+            libraries.append(":" + os.path.basename(libcudnn))  # -l:libcudnn.so.9 (wheels ship no .so link)
+            define_macros.append(("FASTRES_WITH_CUDNN_GRAPHS", None))
+            cpp_sources = cpp_sources + graph_sources
+        else:
+            print(f"fastres: building without the cuDNN graphs: {why_not}", file=sys.stderr)
         extension = cpp_extension.CUDAExtension(
-            "fastres._C", cpp_sources + cuda_sources, define_macros=define_macros,
-            library_dirs=_cudart_dirs(cpp_extension.CUDA_HOME), extra_link_args=link_flags,
+            "fastres._C", cpp_sources + cuda_sources, define_macros=define_macros, include_dirs=include_dirs,
+            library_dirs=library_dirs, libraries=libraries, extra_link_args=link_flags,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]})
     else:
         extension = cpp_extension.CppExtension("fastres._C", cpp_sources, define_macros=define_macros,

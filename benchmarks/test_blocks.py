@@ -10,7 +10,7 @@ from torchvision.models import resnet as tv_resnet
 
 import fastres
 from fastres.bench.config import MODES
-from fastres.bench.flops import count_macs, forward_flops, training_flops
+from fastres.models.flops import count_macs, forward_flops, training_flops
 from fastres.bench.variants import STEPS, prepare, synthetic_input
 from fastres.bench.verify import randomize_batch_norm_
 

@@ -1,9 +1,9 @@
 """Each fused op against the unfused PyTorch chain it replaces, at each ResNet stage's shape:
 
-- conv_bn_relu:      conv2d_act(x, folded W, b)            vs conv2d -> batch_norm(eval) -> relu
-- conv_bn_add_relu:  conv2d_act(x, W, b, residual=r)       vs conv2d -> batch_norm(eval) -> + r -> relu
+- conv2d_act:          conv2d_act(x, folded W, b)            vs conv2d -> batch_norm(eval) -> relu
+- conv2d_act_residual: conv2d_act(x, W, b, residual=r)       vs conv2d -> batch_norm(eval) -> + r -> relu
 - bottleneck_tail:   bottleneck_tail(h, W3, x, Wd, b)      vs conv3 -> bn3, downsample conv -> bn, add, relu
-- bn_add_relu_train: batch_norm_act(training=True, residual=r) vs batch_norm(training) -> + r -> relu,
+- batch_norm_act_train: batch_norm_act(training=True, residual=r) vs batch_norm(training) -> + r -> relu,
                      forward (graph recorded) and forward + backward
 
 Inference ops run under inference_mode with BN folded once beforehand, as the fastres modules
@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 
 import fastres
-from fastres.bench.flops import conv_macs, forward_flops, training_flops
+from fastres.models.flops import conv_macs, forward_flops, training_flops
 from fastres.bench.variants import Variant, backend_scope, synthetic_input
 
 BASELINE = "pytorch"
 STAGES = (1, 2, 3, 4)
 OPS = {  # op -> modes it is timed in
-    "conv_bn_relu": ("infer",),
-    "conv_bn_add_relu": ("infer",),
+    "conv2d_act": ("infer",),
+    "conv2d_act_residual": ("infer",),
     "bottleneck_tail": ("infer",),
-    "bn_add_relu_train": ("forward", "forward_backward"),
+    "batch_norm_act_train": ("forward", "forward_backward"),
 }
 CASES = [(op, mode) for op, modes in OPS.items() for mode in modes]
 
@@ -72,7 +72,7 @@ def conv_case(op: str, variant: Variant, stage: int, batch: int, size: int, devi
     """A BasicBlock 3x3 conv (C -> C) at the stage's resolution, with or without the residual."""
     c, hw = 64 * 2 ** (stage - 1), max(1, size // 4 // 2 ** (stage - 1))
     x = _input((batch, c, hw, hw), variant, device, seed=1)
-    r = _input((batch, c, hw, hw), variant, device, seed=2) if op == "conv_bn_add_relu" else None
+    r = _input((batch, c, hw, hw), variant, device, seed=2) if op == "conv2d_act_residual" else None
     w, bn = _weight(c, c, 3, variant, device), _bn(c, device)
     wf, bf = _folded(w, bn, variant)
 
@@ -130,7 +130,7 @@ def bn_train_case(variant: Variant, stage: int, batch: int, size: int, device, b
 def make_case(op: str, mode: str, variant: Variant, stage: int, batch: int, size: int, device) -> Case:
     if op == "bottleneck_tail":
         return tail_case(variant, stage, batch, size, device)
-    if op == "bn_add_relu_train":
+    if op == "batch_norm_act_train":
         return bn_train_case(variant, stage, batch, size, device, backward=mode == "forward_backward")
     return conv_case(op, variant, stage, batch, size, device)
 

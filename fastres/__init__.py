@@ -6,7 +6,7 @@
 __version__ = "0.1.0"
 
 from . import ops
-from ._extension import extension_loaded
+from ._extension import build_info, extension_loaded
 from .models.resnet import (BasicBlock, Bottleneck, ResNet, from_torchvision, resnet18, resnet34, resnet50,
                             resnet101, resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
                             wide_resnet50_2, wide_resnet101_2)
@@ -16,6 +16,7 @@ from .models.preact import (resnet_v2_18, resnet_v2_34, resnet_v2_50, resnet_v2_
                             resnet_v2_200)
 from .models.counting import count_macs, count_params
 from .cuda_graphs import GraphedInference, cudagraph
+from .ops.tuner import tuning_report
 from .ops.backend import _default_from_environment, available_backends, get_backend, set_backend, use_backend
 
 _default_from_environment()
@@ -24,7 +25,8 @@ __all__ = [
     "BasicBlock", "Bottleneck", "ResNet", "from_torchvision",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
-    "available_backends", "get_backend", "set_backend", "use_backend", "extension_loaded", "ops",
+    "available_backends", "tuning_report", "get_backend", "set_backend", "use_backend", "extension_loaded",
+    "build_info", "ops",
     "count_params", "count_macs", "cudagraph", "GraphedInference",
     "cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56", "cifar_resnet110", "cifar_resnet1202",
     "resnet_v2_18", "resnet_v2_34", "resnet_v2_50", "resnet_v2_101", "resnet_v2_152", "resnet_v2_200",

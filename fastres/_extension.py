@@ -28,3 +28,17 @@ mark_available("cpp", _error is None, f"fastres._C could not be loaded: {_error}
 def extension_loaded() -> bool:
     """Whether the compiled extension fastres._C was imported."""
     return _error is None
+
+
+def build_info() -> dict:
+    """What the installed fastres._C was compiled with:
+
+    cuda_kernels (bool), cudnn_graphs (bool: the cudnn-frontend graph ops), cudnn_frontend_version
+    (str or None), cudnn_compiled_version (int or None: CUDNN_VERSION of the headers), archs (the
+    CUDA architectures compiled, e.g. ["sm_90"]), extension (bool: fastres._C loaded at all).
+    """
+    if _error is not None:
+        return {"extension": False, "cuda_kernels": False, "cudnn_graphs": False, "cudnn_frontend_version": None,
+                "cudnn_compiled_version": None, "archs": []}
+    from . import _C
+    return {"extension": True, **_C.build_info()}

@@ -19,6 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from .layout import is_channels_last
 from .nn import folding
 from .ops.backend import get_backend
 
@@ -26,7 +27,7 @@ __all__ = ["GraphedInference", "cudagraph"]
 
 
 def _memory_format_name(t: torch.Tensor) -> str:
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+    if is_channels_last(t):
         return "channels_last"
     return "contiguous" if t.is_contiguous() else "strided"
 
@@ -118,7 +119,8 @@ class GraphedInference:
 
     A capture records what the model ran under the settings then in force (autocast, cuDNN
     and TF32 flags); captures happen at construction and in a call that finds the model
-    changed, so keep those settings the same for every call. One wrapper is not meant for concurrent calls from several threads. Calls from another
+    changed, so keep those settings the same for every call. One wrapper is not meant for concurrent
+    calls from several threads. Calls from another
     stream than the previous call's are ordered after it (no host synchronisation).
     """
 

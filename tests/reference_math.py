@@ -1,12 +1,13 @@
-"""Float64 references and per-dtype tolerances shared by the op tests."""
+"""Float64 references of the ops (and the op tests' comparison against them, at tests/helpers.py's
+"op" tolerances)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-# Relative to the reference's largest magnitude: fp32 accumulates in fp32, half types
-# round every stored value to 8 (bf16) or 11 (fp16) bits.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+from helpers import TOLERANCE as _TOLERANCE
+
+TOLERANCE = _TOLERANCE["op"]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None, what: str = "") -> None:

@@ -37,14 +37,13 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 import fastres
-from conftest import (assert_exactly_equal, backend_scope, build_pair, eval_on, randn, randomize_bn_, rel_error,
-                      train_step)
+from helpers import (TOLERANCE, TRAIN_SHAPE, assert_exactly_equal, backend_scope, build_pair, eval_on, randn,
+                     randomize_bn_, rel_error, train_step)
 from fastres.nn import conv_bn_act
 
 BACKENDS = fastres.available_backends()
 U = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}   # unit roundoff (half an ulp at 1)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-TRAIN_SHAPE = (2, 3, 48, 48)   # layer4 at 2x2: 8 values per channel for BatchNorm (as tests/test_models.py)
 
 
 def _cpu_autocast_supports(dtype: torch.dtype) -> bool:
@@ -267,7 +266,7 @@ def test_float64_is_left_alone_under_autocast(backend, train):
 # training: BatchNorm statistics in fp32
 # ---------------------------------------------------------------------------------------------
 
-STATS_RTOL = 1e-5   # fp32 accumulation; measured <= 2e-7. A sum in bf16 is off by ~2.2e-3 std, in fp16 ~2.3e-4.
+STATS_RTOL = TOLERANCE["stats"][torch.float32]   # a sum in bf16 is off by ~2.2e-3 std, in fp16 ~2.3e-4
 
 
 @pytest.mark.parametrize("backend", _backend_params(BACKENDS))
@@ -304,7 +303,8 @@ def test_train_bn_statistics_are_fp32(dtype, backend):
     assert var_err <= STATS_RTOL, f"batch variance {var_err:.3g} (relative) from the float64 one"
 
     # Output: (y - mean) / sqrt(biased var + eps) * w + b in float64, then ReLU. Computing it in fp32 and
-    # rounding once to the dtype is within u * |exact| (measured 0.98 u bf16, 0.91 u fp16; plus a floor for fp32 cancellation
+    # rounding once to the dtype is within u * |exact| (measured 0.98 u bf16, 0.91 u fp16; plus a floor for fp32
+    # cancellation
     # near zero). Interpreted Triton truncates to bf16: within 2 u (measured 1.95 u).
     c = lambda t: t[None, :, None, None]  # noqa: E731
     pre = (y64 - c(mean)) / c((y64.var((0, 2, 3), unbiased=False) + bn.eps).sqrt()) * c(bn.weight.double()) \
@@ -346,7 +346,7 @@ def _train_exact(name: str):
 # interpreted Triton bf16 on layer2.0.bn1.running_mean: 0.0071 / 0.0019). resnet18 only: resnet50's
 # step is too ill-conditioned for values (torchvision bf16 running stats 44% off float64; its own fp16
 # conv1 gradient overflows with per-stage losses, its fp16 input gradient at 32x32), its dtypes under
-# bf16 autocast are checked by tests/test_models.py::test_cpu_autocast_bfloat16, and the Bottleneck's
+# bf16 autocast are checked by tests/test_models_formats.py::test_cpu_autocast_bfloat16, and the Bottleneck's
 # training step is checked tensor by tensor on every backend by test_train_block_gradients_under_autocast.
 TRAIN_FACTOR, TRAIN_BUFFER_FACTOR, TRAIN_BUFFER_FLOOR_U = 2.5, 2.0, 4.0
 
@@ -397,7 +397,8 @@ def test_train_step_model_under_autocast(dtype, backend):
     for key, b in buffers.items():
         if b.is_floating_point():
             _assert_as_accurate(_nrel(b, buffers64[key]), _nrel(buffers_tv[key], buffers64[key]),
-                                TRAIN_BUFFER_FACTOR, TRAIN_BUFFER_FLOOR_U * U[dtype], f"{name} buffer {key} [{backend}]")
+                                TRAIN_BUFFER_FACTOR, TRAIN_BUFFER_FLOOR_U * U[dtype],
+                                f"{name} buffer {key} [{backend}]")
 
 
 # Blocks are well-conditioned (144 values per channel), so every gradient is compared one by one.

@@ -11,7 +11,7 @@ import torch
 import fastres
 from fastres import ops
 
-from conftest import assert_rel_close, build_pair, randn
+from helpers import assert_rel_close, build_pair, randn
 
 BACKENDS = fastres.available_backends()
 # One model of each family (their forwards are separate code).

@@ -13,7 +13,7 @@ from torch import nn
 
 from fastres.bench import cli
 from fastres.bench.config import Settings, parse_batches, parse_list
-from fastres.bench.flops import conv_macs, count_macs
+from fastres.models.flops import conv_macs, count_macs
 from fastres.bench.seed_report import seed_report
 
 SEED_LINE = r"^{} across {} steps, \d+\.\d{{6}} \+/- \d+\.\d{{6}} sec / batch$"
@@ -91,7 +91,8 @@ def test_cli_json_and_markdown_record(tmp_path, capsys):
     assert record["model"] == "resnet18" and record["batches"] == [1, 2] and record["modes"] == ["infer", "train"]
     rows = record["results"]
     assert {(r["variant"], r["mode"], r["batch"]) for r in rows} == {
-        (v, m, b) for v in ("torchvision nchw fp32", "torchvision channels_last fp32", "fastres-torch channels_last fp32")
+        (v, m, b)
+        for v in ("torchvision nchw fp32", "torchvision channels_last fp32", "fastres-torch channels_last fp32")
         for m in ("infer", "train") for b in (1, 2)}
     for r in rows:
         assert len(r["rounds_s"]) == 2 and r["ms_median"] > 0 and r["img_per_s"] > 0
@@ -147,3 +148,29 @@ def test_verify_checks_the_timed_shape_and_catches_a_wrong_model(monkeypatch):
     monkeypatch.setattr(verify, "from_torchvision", off_by_a_little)
     checks = verify.verify_against_torchvision(tv, small, timed_x=timed)
     assert not any(check.ok for check in checks if check.what.startswith("eval output"))
+
+
+def test_verify_runs_at_the_benchmarked_dtype(monkeypatch):
+    from fastres.bench import verify
+
+    torch.manual_seed(0)
+    tv = verify.randomize_batch_norm_(torchvision.models.resnet18(num_classes=10))
+    small = torch.randn(2, 3, 64, 64)
+    checks = verify.verify_against_torchvision(tv, small, autocast_dtype=torch.bfloat16)
+    check = next(check for check in checks if check.what == "eval output, bfloat16 autocast")
+    assert check.ok and check.error > 0, check
+
+    convert = verify.from_torchvision
+
+    def wrong_under_autocast(model):
+        fast = convert(model)
+        forward = fast.forward
+
+        def off(x):
+            out = forward(x)
+            return out * 1.1 if torch.is_autocast_enabled("cpu") else out
+        fast.forward = off
+        return fast
+    monkeypatch.setattr(verify, "from_torchvision", wrong_under_autocast)
+    checks = verify.verify_against_torchvision(tv, small, autocast_dtype=torch.bfloat16)
+    assert [check.what for check in checks if not check.ok] == ["eval output, bfloat16 autocast"]

@@ -14,7 +14,7 @@ import torch
 
 import fastres
 
-from conftest import assert_rel_close, backend_scope, randn, randomize_bn_
+from helpers import assert_rel_close, backend_scope, randn, randomize_bn_
 
 FAMILIES = {"resnet18": dict(num_classes=10), "resnet50": dict(num_classes=10),
             "resnet_v2_18": dict(num_classes=10), "cifar_resnet20": {}}

@@ -3,6 +3,7 @@ determinism whatever the thread count, operator registration, and the CUDA build
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 
@@ -13,17 +14,11 @@ import torchvision
 import fastres
 from fastres import ops
 
+from helpers import LAYOUTS, randn
 from reference_math import assert_close, random_bn_state
 
 pytestmark = pytest.mark.skipif("cpp" not in fastres.available_backends(), reason="fastres._C is not built")
-
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-
-
-def _randn(*shape, dtype=torch.float64, layout="nchw", seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-    return t.contiguous(memory_format=LAYOUTS[layout]) if t.dim() == 4 else t
+_randn = functools.partial(randn, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -109,17 +104,17 @@ def test_registered_operators_pass_opcheck():
     opcheck(fr.add_relu, (x, r))
     y = fr.add_relu(x, r)
     opcheck(fr.relu_backward, (r, y))
-    opcheck(fr.batch_norm_stats, (x, torch.zeros(8), torch.ones(8), 0.1, 1e-5),
+    opcheck(fr.batch_norm_act_stats, (x, torch.zeros(8), torch.ones(8), 0.1, 1e-5),
             test_utils=("test_schema", "test_faketensor"))
-    mean, invstd = fr.batch_norm_stats(x, None, None, 0.1, 1e-5)
-    opcheck(fr.batch_norm_apply, (x, w, b, mean, invstd, r, True, True))
-    opcheck(fr.batch_norm_backward, (r, y, x, w, mean, invstd, True, True, True, True))
+    mean, invstd = fr.batch_norm_act_stats(x, None, None, 0.1, 1e-5)
+    opcheck(fr.batch_norm_act_apply, (x, w, b, mean, invstd, r, True, True))
+    opcheck(fr.batch_norm_act_backward, (r, y, x, w, mean, invstd, True, True, True, True))
 
 
 @pytest.mark.skipif(not (os.environ.get("CI") and shutil.which("nvcc")), reason="checked in CI, where nvcc is present")
 def test_ci_built_the_cuda_kernels():
     """CI compiles csrc/cuda for sm_90 without a GPU: the kernels must be registered."""
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastres::batch_norm_apply", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastres::batch_norm_act_apply", "CUDA")
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -160,3 +155,51 @@ def test_compile_fullgraph_on_cpp_backend(train):
         torch._dynamo.reset()
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
     assert_close(got.detach(), expected.detach(), torch.float32, "compiled")
+
+
+@pytest.mark.skipif(not (os.environ.get("CI") and shutil.which("nvcc")), reason="checked in CI, where nvcc is present")
+def test_ci_built_the_cudnn_graphs():
+    """CI installs nvidia-cudnn-frontend (.ci/install): setup.py must have compiled the cuDNN graphs."""
+    info = fastres.build_info()
+    assert info["cudnn_graphs"] and info["cudnn_frontend_version"]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastres::cudnn_conv_genstats", "CUDA")
+
+
+def test_batch_norm_finalize_registered_with_fake_and_cpu_kernel():
+    s, q = _randn(8, dtype=torch.float32, seed=1).abs(), _randn(8, dtype=torch.float32, seed=2).abs() + 10
+    torch.library.opcheck(torch.ops.fastres.batch_norm_finalize,
+                          (s, q, 5, None, None, torch.zeros(8), torch.ones(8), 0.1, 1e-5))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available()
+                         and torch._C._dispatch_has_kernel_for_dispatch_key("fastres::batch_norm_act_apply", "CUDA")),
+                    reason="needs a CUDA device and the CUDA kernels")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 64, 13, 17), (2, 40, 7, 9), (1, 24, 1, 1), (2, 2048, 3, 3), (2, 3000, 2, 3)])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_cuda_batch_norm_act_and_backward_match_float64(shape, dtype, layout, offset):
+    """The CUDA kernels' vectorised (128-bit, shared-memory staged) and scalar paths: offset 1
+    misaligns the storage (scalar path); C = 3000 is too many channels to stage."""
+    def on_gpu(t):
+        flat = torch.empty(t.numel() + offset, dtype=t.dtype, device="cuda")
+        view = flat[offset:].view(t.permute(0, 2, 3, 1).shape if layout == "channels_last" else t.shape)
+        view = view.permute(0, 3, 1, 2) if layout == "channels_last" else view
+        return view.copy_(t)
+
+    x64 = _randn(*shape, layout=layout, seed=1, scale=3.0) + 0.5
+    dy64 = _randn(*shape, layout=layout, seed=2)
+    gamma, beta, mean, var = random_bn_state(shape[1], torch.Generator().manual_seed(0))
+    x = on_gpu(x64.to(dtype)).requires_grad_()
+    rm, rv = mean.cuda(), var.cuda()
+    with fastres.use_backend("cpp"):
+        y = ops.batch_norm_act(x, gamma.cuda(), beta.cuda(), rm, rv, training=True, momentum=0.3, relu=True)
+    y.backward(on_gpu(dy64.to(dtype)))
+    xr = x64.to(dtype).double().requires_grad_()
+    rm64, rv64 = mean.double(), var.double()
+    ref = torch.relu(torch.nn.functional.batch_norm(xr, rm64, rv64, gamma.double(), beta.double(), True, 0.3, 1e-5))
+    ref.backward(dy64.to(dtype).double())
+    assert_close(y.cpu(), ref, dtype, "output")
+    assert_close(x.grad.cpu(), xr.grad, dtype, "grad")
+    assert_close(rm.cpu(), rm64, torch.float32, "running_mean")
+    assert_close(rv.cpu(), rv64, torch.float32, "running_var")

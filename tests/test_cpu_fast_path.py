@@ -57,7 +57,7 @@ def test_bottleneck_tail_joined_weight_follows_edits(stride, mode):
     # The fast path runs conv3 and the shortcut as one conv over [h | x] with a cached [w3 | wd]:
     # every edit of either weight, or a different shortcut weight, must show in the next result.
     from reference_math import assert_close, bottleneck_tail as tail_ref
-    from conftest import randn
+    from helpers import randn
 
     h = randn(3, 16, 7, 5, seed=1, channels_last=True)
     x = randn(3, 24, 7 * stride, 5 * stride, seed=2, channels_last=True)
@@ -93,7 +93,7 @@ def reuse_count(monkeypatch):
 
 
 def _pair(name="resnet50"):
-    from conftest import build_pair
+    from helpers import build_pair
     return build_pair(name, num_classes=10)
 
 
@@ -101,7 +101,7 @@ def _pair(name="resnet50"):
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
 def test_outputs_written_in_place_give_the_same_numbers(reuse_count, name, mode):
-    from conftest import assert_rel_close, randn
+    from helpers import assert_rel_close, randn
     tv, fr = _pair(name)
     x = randn(3, 3, 64, 64, seed=4, channels_last=True)
     x_before = x.clone()
@@ -120,7 +120,7 @@ def test_outputs_written_in_place_give_the_same_numbers(reuse_count, name, mode)
 
 
 def test_hooked_block_outputs_are_never_overwritten(reuse_count):
-    from conftest import assert_rel_close, randn
+    from helpers import assert_rel_close, randn
     tv, fr = _pair("resnet50")
     captured = {}
     for model in (tv, fr):
@@ -135,7 +135,7 @@ def test_hooked_block_outputs_are_never_overwritten(reuse_count):
 
 
 def test_blocks_called_directly_keep_their_input(reuse_count):
-    from conftest import randn
+    from helpers import randn
     _, fr = _pair("resnet50")
     h = randn(2, 64, 9, 9, seed=6, channels_last=True)
     h_before = h.clone()
@@ -145,7 +145,7 @@ def test_blocks_called_directly_keep_their_input(reuse_count):
 
 
 def test_custom_blocks_turn_reuse_off(reuse_count):
-    from conftest import randn
+    from helpers import randn
 
     class MyBottleneck(fastres.Bottleneck):
         pass

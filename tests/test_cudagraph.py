@@ -14,14 +14,13 @@ import pytest
 import torch
 
 import fastres
-from conftest import assert_exactly_equal, assert_rel_close, randn, randomize_bn_, rel_error
+from helpers import TOLERANCE, assert_exactly_equal, assert_rel_close, randn, randomize_bn_, rel_error
 from fastres import GraphedInference, cudagraph
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 BACKENDS = fastres.available_backends()
 MODELS = ["resnet18", "resnet50"]
 IMAGE = (3, 64, 64)
-RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 CHANGED = 1e-2   # a weight change must move the output by more than this (relative to max|output|)
 
 
@@ -116,7 +115,7 @@ def test_graphed_matches_eager(backend, name, batch, dtype):
         assert graphed(xs[1]) is not outs[1]     # copy_output=True: a fresh tensor each call
     what = f"{name} batch {batch} {dtype} [{backend}]"
     for i, (out, exp) in enumerate(zip(outs, expected)):
-        assert_rel_close(out, exp, RTOL[dtype], f"{what} call {i}")
+        assert_rel_close(out, exp, TOLERANCE["graph"][dtype], f"{what} call {i}")
         assert not out.requires_grad
     for i in (1, 2):  # each call computed its own input, not the captured example's
         assert rel_error(outs[i], outs[0]) > CHANGED, f"{what}: call {i} returned call 0's result"
@@ -159,7 +158,7 @@ def test_copy_output_false_returns_the_static_output():
     out1 = graphed(x1)
     out2 = graphed(x2)
     assert out1 is out2, "copy_output=False returns the one static output, overwritten by each call"
-    assert_rel_close(out2, _eager(model, x2), RTOL[torch.float32], "static output")
+    assert_rel_close(out2, _eager(model, x2), TOLERANCE["graph"][torch.float32], "static output")
 
 
 @GPU
@@ -173,8 +172,8 @@ def test_calls_on_another_stream():
     with torch.cuda.stream(side):
         out2 = graphed(x2)
     torch.cuda.current_stream().wait_stream(side)
-    assert_rel_close(out1, _eager(model, x1), RTOL[torch.float32], "call 1")
-    assert_rel_close(out2, _eager(model, x2), RTOL[torch.float32], "call 2 on a side stream")
+    assert_rel_close(out1, _eager(model, x1), TOLERANCE["graph"][torch.float32], "call 1")
+    assert_rel_close(out2, _eager(model, x2), TOLERANCE["graph"][torch.float32], "call 2 on a side stream")
 
 
 # =============================================================================================
@@ -188,7 +187,7 @@ def test_graph_follows_new_weights(backend, name):
     model = _model(name)
     other = _model(name, seed=5)
     x = _input(2)
-    rtol = RTOL[torch.float32]
+    rtol = TOLERANCE["graph"][torch.float32]
     with fastres.use_backend(backend):
         graphed = cudagraph(model, x)
         before = graphed(x)
@@ -226,11 +225,11 @@ def test_without_weight_check_recapture_is_explicit():
     assert graphed.captures == 1
     graphed.recapture()
     assert graphed.captures == 2
-    assert_rel_close(graphed(x), _eager(model, x), RTOL[torch.float32], "after recapture()")
+    assert_rel_close(graphed(x), _eager(model, x), TOLERANCE["graph"][torch.float32], "after recapture()")
     # A backend switch changes what runs: seen even without the weight check.
     other = next(b for b in BACKENDS if b != fastres.get_backend())
     with fastres.use_backend(other):
-        assert_rel_close(graphed(x), _eager(model, x), RTOL[torch.float32], f"on backend {other}")
+        assert_rel_close(graphed(x), _eager(model, x), TOLERANCE["graph"][torch.float32], f"on backend {other}")
     assert graphed.captures == 3
 
 
@@ -246,7 +245,7 @@ def test_recapture_after_data_edit():
     graphed.recapture()
     after = graphed(x)
     assert rel_error(after, before) > CHANGED
-    assert_rel_close(after, _eager(model, x), RTOL[torch.float32], "after .data edit + recapture()")
+    assert_rel_close(after, _eager(model, x), TOLERANCE["graph"][torch.float32], "after .data edit + recapture()")
     model_ref = _model(device="cpu")  # the same weights, edited the same way, never cached
     with torch.no_grad():
         model_ref.layer1[0].bn1.weight.mul_(3.0)
@@ -263,12 +262,12 @@ def test_recapture_from_inference_mode_and_train_mode_error():
     with torch.inference_mode():  # the re-capture leaves inference mode (the fold cache needs version counters)
         out = graphed(x)
     assert graphed.captures == 2
-    assert_rel_close(out, _eager(model, x), RTOL[torch.float32], "re-captured under inference_mode")
+    assert_rel_close(out, _eager(model, x), TOLERANCE["graph"][torch.float32], "re-captured under inference_mode")
     model.train()
     with pytest.raises(ValueError, match=r"call model\.eval\(\)"):
         graphed(x)
     model.eval()
-    assert_rel_close(graphed(x), _eager(model, x), RTOL[torch.float32], "back in eval mode")
+    assert_rel_close(graphed(x), _eager(model, x), TOLERANCE["graph"][torch.float32], "back in eval mode")
 
 
 # =============================================================================================

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import fastres
 
-from conftest import randn, randomize_bn_
+from helpers import randn, randomize_bn_
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Triton on the CPU interpreter is deterministic too (tests/test_triton_kernels.py checks its

@@ -15,10 +15,9 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 import fastres
-from conftest import (assert_rel_close, backend_scope, compare_train_results, eval_on, randn, randomize_bn_,
+from helpers import (assert_rel_close, backend_scope, compare_train_results, eval_on, randn, randomize_bn_,
                       train_step)
 
-RTOL64 = 1e-10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +102,7 @@ def test_stride_in_1x1_block_matches_hand_reference(backend):
     block = randomize_bn_(fastres.Bottleneck(16, 8, stride=2, downsample=down, stride_in_1x1=True)).double()
     x = randn(2, 16, 9, 9, dtype=torch.float64)
     expected = _reference_block(block.eval(), x)
-    assert_rel_close(eval_on(block, x, backend), expected, rtol=RTOL64, what="v1 bottleneck eval")
+    assert_rel_close(eval_on(block, x, backend), expected, what="v1 bottleneck eval")
 
 
 @pytest.mark.parametrize("backend", ["default", "torch"])
@@ -114,7 +113,7 @@ def test_stride_in_1x1_model_matches_reference_eval_and_train(backend):
     ref = _v1_reference(fr).double()
     for i, shape in enumerate([(2, 3, 32, 32), (1, 3, 27, 30)]):
         x = randn(*shape, seed=i, dtype=torch.float64)
-        assert_rel_close(eval_on(fr, x, backend), eval_on(ref, x), rtol=RTOL64, what=f"v1 eval {shape}")
+        assert_rel_close(eval_on(fr, x, backend), eval_on(ref, x), what=f"v1 eval {shape}")
     x = randn(2, 3, 24, 24, seed=5, dtype=torch.float64)
     expected = train_step(copy.deepcopy(ref), x, layer_hooks=True)
     with backend_scope(backend):
@@ -154,7 +153,7 @@ def test_count_torchvision_resnet50_v15():
 
 
 def test_count_macs_matches_hand_count_and_real_forward():
-    from fastres.bench.flops import count_macs as bench_count
+    from fastres.models.flops import count_macs as bench_count
     model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.Conv2d(4, 8, 1, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
     # conv1: 4x4x4 outputs x 27; conv2: 8x4x4 x 2; fc: 5 x 8
@@ -218,7 +217,7 @@ def test_option_a_shortcut_hand_computed():
     h = bn(F.conv2d(h, block.conv2.weight, padding=1), block.bn2)
     short = torch.cat([y[:, :, ::2, ::2], torch.zeros(2, 16, 4, 4, dtype=torch.float64)], 1)
     for backend in ("default", "torch"):
-        assert_rel_close(eval_on(block, y, backend), F.relu(h + short), rtol=RTOL64, what=f"option A [{backend}]")
+        assert_rel_close(eval_on(block, y, backend), F.relu(h + short), what=f"option A [{backend}]")
 
 
 @pytest.mark.parametrize("depth", [20, 32, 44, 56, 110, 1202])
@@ -241,7 +240,7 @@ def test_cifar_fused_matches_module_reference(shortcut, backend):
         if isinstance(m, nn.ReLU):
             m.register_forward_hook(lambda *a: None)
     x = randn(2, 3, 16, 16, seed=4, dtype=torch.float64)
-    assert_rel_close(eval_on(fr, x, backend), eval_on(ref, x), rtol=RTOL64, what=f"cifar eval {shortcut}")
+    assert_rel_close(eval_on(fr, x, backend), eval_on(ref, x), what=f"cifar eval {shortcut}")
     expected = train_step(copy.deepcopy(ref), x)
     with backend_scope(backend):
         actual = train_step(copy.deepcopy(fr), x)
@@ -318,7 +317,7 @@ def test_resnet_v2_fused_matches_modules_eval_and_train(block, backend, monkeypa
     monkeypatch.setattr(ops, "batch_norm_act", lambda *a, **k: calls.append(1) or real(*a, **k))
     for i, shape in enumerate([(2, 3, 32, 32), (1, 3, 29, 27)]):
         x = randn(*shape, seed=20 + i, dtype=torch.float64)
-        assert_rel_close(eval_on(fr, x, backend), eval_on(ref, x), rtol=RTOL64, what=f"v2 eval {shape}")
+        assert_rel_close(eval_on(fr, x, backend), eval_on(ref, x), what=f"v2 eval {shape}")
     assert calls, "the fused pre-activation was not used"
     x = randn(2, 3, 32, 32, seed=30, dtype=torch.float64)
     expected = train_step(copy.deepcopy(ref), x, layer_hooks=True)
@@ -341,4 +340,4 @@ def test_resnet_v2_projection_from_preactivated_input():
     h = bnrelu(F.conv2d(h, unit.conv2.weight, stride=2, padding=1), unit.bn3)
     expected = F.conv2d(h, unit.conv3.weight) + F.conv2d(pre, unit.downsample[0].weight, stride=2)
     for backend in ("default", "torch"):
-        assert_rel_close(eval_on(unit, x, backend), expected, rtol=RTOL64, what=f"v2 unit [{backend}]")
+        assert_rel_close(eval_on(unit, x, backend), expected, what=f"v2 unit [{backend}]")

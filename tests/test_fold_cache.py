@@ -21,7 +21,7 @@ from torch import nn
 
 import fastres
 import fastres.nn
-from conftest import assert_rel_close, build_pair, randn, randomize_bn_, rel_error
+from helpers import assert_rel_close, build_pair, randn, randomize_bn_, rel_error
 
 MODELS = ["resnet18", "resnet50"]
 X_SHAPE = (2, 3, 32, 32)

@@ -8,33 +8,19 @@ import torch.nn.functional as F
 import fastres
 from fastres import ops
 
+from helpers import CONV_CASES, LAYOUTS, randn as _randn
 from reference_math import assert_close, bottleneck_tail as bottleneck_tail_ref, conv2d_act as conv2d_act_ref, \
     random_bn_state
 
 BACKENDS = fastres.available_backends()
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def _randn(*shape, dtype=torch.float32, layout="nchw", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-    return t.contiguous(memory_format=LAYOUTS[layout]) if t.dim() == 4 else t
 
 
 def _poisoned_free(y):
     assert torch.isfinite(y).all()
 
 
-# (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups): ResNet's shapes and the odd ones.
-CONV_CASES = [
-    (1, 13, 7, 9, 24, 1, 1, 0, 1, 1),
-    (3, 13, 13, 17, 40, 3, 1, 1, 1, 1),
-    (3, 24, 13, 17, 40, 3, 2, 1, 1, 4),    # ResNeXt-style grouped 3x3, stride 2, odd spatial
-    (1, 16, 13, 17, 24, 1, 2, 0, 1, 1),    # strided 1x1 (projection shortcut)
-    (3, 24, 7, 9, 24, 3, 1, 2, 2, 1),      # dilation 2 (replace_stride_with_dilation)
-    (1, 3, 37, 45, 16, 7, 2, 3, 1, 1),     # the 7x7 stride-2 stem
-    (3, 40, 1, 1, 13, 1, 1, 0, 1, 1),      # 1x1 spatial
-]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,6 +7,7 @@ so the launchers accumulate from fp32 operands there; bf16 proper is checked on 
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -16,20 +17,17 @@ import torchvision
 import fastres
 from fastres.ops import registry
 
+from helpers import CONV_CASES, LAYOUTS, TOLERANCE, randn
 from reference_math import assert_close, random_bn_state
+from reference_math import conv2d_act as reference_conv
 
 pytestmark = pytest.mark.skipif("triton" not in fastres.available_backends(),
                                 reason="the Triton backend is not available here")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-GRAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
 
 
-def _randn(*shape, dtype=torch.float32, layout="nchw", seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
-    return t.contiguous(memory_format=LAYOUTS[layout]) if t.dim() == 4 else t
+_randn = functools.partial(randn, device=DEVICE)
 
 
 @pytest.fixture
@@ -67,20 +65,11 @@ def _compare_with_torch_backend(fn, inputs, dtype):
         if ref is not None:
             error = (g.double() - ref).abs().max().item()
             scale = ref.abs().max().item() + 1e-12
-            assert error <= GRAD_TOLERANCE[dtype] * scale, f"grad of input {index}: {error:.3g} vs scale {scale:.3g}"
+            assert error <= TOLERANCE["grad"][dtype] * scale, f"grad of input {index}: {error:.3g} vs scale {scale:.3g}"
 
 
 # ------------------------------------------------------------------ conv2d + epilogue
 
-CONV_CASES = [  # (N, C, H, W, K, kernel, stride, padding, dilation, groups)
-    (1, 13, 7, 9, 24, 1, 1, 0, 1, 1),
-    (3, 13, 13, 17, 40, 3, 1, 1, 1, 1),
-    (3, 24, 13, 17, 40, 3, 2, 1, 1, 4),
-    (1, 16, 13, 17, 24, 1, 2, 0, 1, 1),
-    (3, 24, 7, 9, 24, 3, 1, 2, 2, 1),
-    (1, 3, 37, 45, 16, 7, 2, 3, 1, 1),
-    (3, 40, 1, 1, 13, 1, 1, 0, 1, 1),
-]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -112,6 +101,94 @@ def test_bottleneck_tail_forward_backward(stride, layout, poisoned_outputs):
     bias = _randn(40, seed=5)
     _compare_with_torch_backend(lambda *a: fastres.ops.bottleneck_tail(*a, stride=stride), [h, w3, x, wd, bias],
                                 torch.float32)
+
+
+def _conv_case(case, dtype, layout, seed=1):
+    n, c, h, w, k, ks, stride, pad, dil, groups = case
+    x = _randn(n, c, h, w, dtype=dtype, layout=layout, seed=seed)
+    weight = _randn(k, c // groups, ks, ks, dtype=dtype, seed=seed + 1, scale=(c // groups * ks * ks) ** -0.5)
+    bias = _randn(k, dtype=dtype, seed=seed + 2)
+    out_shape = F.conv2d(x.double().cpu(), weight.double().cpu(), None, stride, pad, dil, groups).shape
+    residual = _randn(*out_shape, dtype=dtype, layout=layout, seed=seed + 3)
+    conv_args = ((stride, stride), (pad, pad), (dil, dil), groups)
+    return x, weight, bias, residual, conv_args
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [CONV_CASES[5], CONV_CASES[1], CONV_CASES[2]], ids=["stem", "3x3", "grouped"])
+def test_conv2d_act_every_config(case, dtype, poisoned_outputs):
+    """Every configuration configs() offers agrees with the float64 reference (and "" is the heuristic)."""
+    from fastres.kernels.triton import conv
+    x, weight, bias, residual, conv_args = _conv_case(case, dtype, "channels_last")
+    expected = reference_conv(x, weight, bias, *conv_args, residual, True)
+    choices = conv.configs(x, weight, *conv_args)
+    assert choices[0] == "" and 2 <= len(choices) <= 8
+    for config in choices:
+        y = registry.triton_conv2d_act(x, weight, bias, *map(list, conv_args[:3]), conv_args[3], residual, True,
+                                       config)
+        assert_close(y, expected, dtype, f"config {config!r}")
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bottleneck_tail_every_config(layout):
+    from fastres.kernels.triton import conv
+    x = _randn(3, 13, 13, 17, layout=layout, seed=1)
+    h = _randn(3, 8, 7, 9, layout=layout, seed=2)
+    w3, wd = _randn(40, 8, 1, 1, seed=3, scale=0.3), _randn(40, 13, 1, 1, seed=4, scale=0.3)
+    bias = _randn(40, seed=5)
+    expected = torch.relu(F.conv2d(h.double(), w3.double()) + F.conv2d(x.double(), wd.double(), stride=2)
+                          + bias.double()[None, :, None, None])
+    for config in conv.configs(h, w3, second_channels=13):
+        y = registry.triton_bottleneck_tail(h, w3, x, wd, bias, [2, 2], True, config)
+        assert_close(y, expected, torch.float32, f"config {config!r}")
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+def test_weight_and_1x1_operand_paths(tma, monkeypatch):
+    """TMA descriptors (1x1 stride-1 activations as the [N*H*W, C] matrix, the packed weight) and the
+    pointer-load fallback give the same answers."""
+    from fastres.kernels.triton import conv
+    monkeypatch.setattr(conv, "_TMA", tma)
+    for case in [(3, 32, 5, 7, 40, 1, 1, 0, 1, 1), (1, 3, 37, 45, 16, 7, 2, 3, 1, 1)]:
+        x, weight, bias, residual, conv_args = _conv_case(case, torch.float32, "channels_last")
+        _, launches = conv.plan(x, weight, bias, *conv_args, residual, True)
+        assert launches[0].constexprs["W_DESC"] is (tma and conv._TensorDescriptor is not None)
+        if case[5] == 1:
+            assert launches[0].constexprs["X_DESC"] is (tma and conv._TensorDescriptor is not None)
+        y = conv.conv2d_act(x, weight, bias, *conv_args, residual, True)
+        assert_close(y, reference_conv(x, weight, bias, *conv_args, residual, True), torch.float32, str(case))
+
+
+def test_split_k_is_bitwise_repeatable():
+    from fastres.kernels.triton import conv
+    x, weight, bias, residual, conv_args = _conv_case((1, 40, 5, 7, 24, 3, 1, 1, 1, 1), torch.float32,
+                                                      "channels_last")
+    config = "m32n32k16w4s1x3g1"  # 3 x 3 taps x 3 channel blocks = 27 steps over 3 splits
+    y1 = conv.conv2d_act(x, weight, bias, *conv_args, residual, True, config=config)
+    y2 = conv.conv2d_act(x, weight, bias, *conv_args, residual, True, config=config)
+    assert torch.equal(y1, y2)
+    assert_close(y1, reference_conv(x, weight, bias, *conv_args, residual, True), torch.float32, "split-K")
+
+
+def test_packed_weight_cache_follows_in_place_edits():
+    from fastres.kernels.triton import conv
+    x, weight, bias, _, conv_args = _conv_case((1, 13, 7, 9, 24, 3, 1, 1, 1, 1), torch.float32, "channels_last")
+    first = conv.packed_weight(weight)
+    assert conv.packed_weight(weight) is first  # cached per tensor and version
+    conv.conv2d_act(x, weight, bias, *conv_args, None, False)
+    with torch.no_grad():
+        weight.mul_(-2.0)  # a refold writes the folded weight in place like this
+    assert conv.packed_weight(weight) is not first
+    y = conv.conv2d_act(x, weight, bias, *conv_args, None, False)
+    assert_close(y, reference_conv(x, weight, bias, *conv_args, None, False), torch.float32, "after the edit")
+    # The bottleneck tail's packed [w3 | wd] follows an edit of the second weight too.
+    w3, wd = _randn(24, 8, 1, 1, seed=3), _randn(24, 13, 1, 1, seed=4)
+    tail = conv.packed_weight(w3, wd)
+    with torch.no_grad():
+        wd.add_(1.0)
+    repacked = conv.packed_weight(w3, wd)
+    assert repacked is not tail and torch.equal(repacked[:, 8:21], wd.reshape(24, 13))
 
 
 # ------------------------------------------------------------------ BatchNorm + residual + ReLU
@@ -149,8 +226,8 @@ def test_batch_norm_act_forward_backward(shape, residual, relu, training, layout
 
 def test_batch_norm_statistics_are_deterministic():
     x = _randn(4, 24, 17, 13, seed=3, scale=5.0) + 2.0
-    first = registry.triton_batch_norm_stats(x, None, None, 0.1, 1e-5)
-    again = registry.triton_batch_norm_stats(x, None, None, 0.1, 1e-5)
+    first = registry.triton_batch_norm_act_stats(x, None, None, 0.1, 1e-5)
+    again = registry.triton_batch_norm_act_stats(x, None, None, 0.1, 1e-5)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
@@ -170,15 +247,15 @@ def test_custom_ops_pass_opcheck():
     opcheck(registry.triton_conv2d_act, (x, w, b, [1, 1], [1, 1], [1, 1], 1, res, True))
     opcheck(registry.triton_bottleneck_tail, (_randn(2, 4, 3, 4, seed=5), _randn(6, 4, 1, 1, seed=6), x,
                                               _randn(6, 8, 1, 1, seed=7), b, [2, 2], True))
-    mean, invstd = registry.triton_batch_norm_stats(x, None, None, 0.1, 1e-5)
-    opcheck(registry.triton_batch_norm_apply, (x, _randn(8, seed=8), _randn(8, seed=9), mean, invstd, x.clone(),
+    mean, invstd = registry.triton_batch_norm_act_stats(x, None, None, 0.1, 1e-5)
+    opcheck(registry.triton_batch_norm_act_apply, (x, _randn(8, seed=8), _randn(8, seed=9), mean, invstd, x.clone(),
                                                True, True))
-    opcheck(registry.triton_batch_norm_stats, (x, torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE),
+    opcheck(registry.triton_batch_norm_act_stats, (x, torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE),
                                                0.1, 1e-5), test_utils=("test_schema", "test_faketensor"))
     opcheck(registry.triton_add_relu, (x, _randn(2, 8, 5, 7, seed=10)))
     y = registry.triton_add_relu(x, _randn(2, 8, 5, 7, seed=11))
     opcheck(registry.triton_relu_backward, (_randn(2, 8, 5, 7, seed=12), y))
-    opcheck(registry.triton_batch_norm_backward, (_randn(2, 8, 5, 7, seed=12), y, x, _randn(8, seed=8), mean,
+    opcheck(registry.triton_batch_norm_act_backward, (_randn(2, 8, 5, 7, seed=12), y, x, _randn(8, seed=8), mean,
                                                       invstd, True, True, True, True))
 
 

@@ -141,10 +141,10 @@ at::Tensor stats_tensor(const std::vector<double>& values, at::ScalarType dtype)
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in, const OptTensor& running_mean,
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_stats_cpu(const at::Tensor& x_in, const OptTensor& running_mean,
                                                         const OptTensor& running_var, double momentum, double eps) {
   const Layout lay = layout_of(x_in);
-  TORCH_CHECK(lay.rows() > 1, "batch_norm_stats: expected more than 1 value per channel");
+  TORCH_CHECK(lay.rows() > 1, "batch_norm_act_stats: expected more than 1 value per channel");
   const at::Tensor x = dense(x_in, format_of(x_in));
   std::vector<double> mean(lay.c), invstd(lay.c), unbiased(lay.c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_bn_stats_cpu", [&] {
@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x_in, 
   return {mean_t, invstd_t};
 }
 
-at::Tensor batch_norm_apply_cpu(const at::Tensor& x_in, const OptTensor& weight, const OptTensor& bias,
+at::Tensor batch_norm_act_apply_cpu(const at::Tensor& x_in, const OptTensor& weight, const OptTensor& bias,
                                 const at::Tensor& mean_t, const at::Tensor& invstd_t, const OptTensor& residual,
                                 bool /*training*/, bool relu) {
   const Layout lay = layout_of(x_in);
@@ -211,7 +211,7 @@ at::Tensor batch_norm_apply_cpu(const at::Tensor& x_in, const OptTensor& weight,
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& y_in, const at::Tensor& x_in, const OptTensor& weight,
     const at::Tensor& mean_t, const at::Tensor& invstd_t, bool training, bool relu, bool need_residual_grad,
     bool need_param_grads) {

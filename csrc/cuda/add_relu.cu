@@ -69,3 +69,15 @@ at::Tensor add_relu_cuda(const at::Tensor& x, const at::Tensor& residual) { retu
 at::Tensor relu_backward_cuda(const at::Tensor& grad, const at::Tensor& y) { return launch<true>(grad, y, y); }
 
 }  // namespace fastres
+
+namespace fastres {
+
+std::vector<int> cuda_archs() {
+#ifdef __CUDA_ARCH_LIST__
+  return {__CUDA_ARCH_LIST__};
+#else
+  return {};
+#endif
+}
+
+}  // namespace fastres

@@ -35,10 +35,37 @@ inline bool can_vectorize(int64_t n, std::initializer_list<const void*> pointers
   return true;
 }
 
-// The channel of flat element i of a dense (N, C, L) tensor.
-__device__ __forceinline__ int64_t channel_of(int64_t i, int64_t C, int64_t L, bool channels_last) {
-  return channels_last ? i % C : (i / L) % C;
-}
+// Walks the channel of consecutive flat elements of a dense (N, C, L) tensor: the divisions run
+// once, where the walk starts (once per pack, not per element), in the index type I (32-bit
+// where the tensor allows, see fits_32bit); each next() is a compare and an increment.
+template <typename I>
+struct ChannelCursor {
+  I c, l;  // channel; position in the H*W plane (NCHW only)
+  __device__ __forceinline__ ChannelCursor(I i, I C, I L, bool channels_last) {
+    if (channels_last) {
+      c = i % C;
+      l = 0;
+    } else {
+      const I q = i / L;
+      l = i - q * L;
+      c = q % C;
+    }
+  }
+  __device__ __forceinline__ void next(I C, I L, bool channels_last) {
+    if (channels_last) {
+      if (++c == C) c = 0;
+    } else if (++l == L) {
+      l = 0;
+      if (++c == C) c = 0;
+    }
+  }
+};
+
+// Whether 32-bit unsigned indices cover n elements and a grid-stride step past the end.
+inline bool fits_32bit(int64_t n) { return n < (int64_t(1) << 31); }
+
+// Bytes of dynamic shared memory a kernel may take without opting in.
+constexpr int64_t kStagingBytes = 48 * 1024;
 
 // Offset of (row r = n*L + l, channel c).
 __device__ __forceinline__ int64_t offset_of(int64_t r, int64_t c, int64_t C, int64_t L, bool channels_last) {

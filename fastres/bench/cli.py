@@ -1,6 +1,7 @@
 """`python -m fastres.bench`: check fastres against torchvision, then time them side by side.
 
-    python -m fastres.bench                       # resnet50 inference, GPU if present (bs 256, bf16), else CPU (bs 8, fp32)
+    python -m fastres.bench                       # resnet50 inference: GPU if present (bs 256, bf16),
+                                                  # else CPU (bs 8, fp32)
     python -m fastres.bench --model resnet50 --batch 1,32,256 --dtype bf16 --mode infer,train \\
         --compare torchvision,compile --json out.json --plot out.png
     python -m fastres.bench --seed-report         # "Forward across 100 steps, X +/- Y sec / batch", ...
@@ -27,7 +28,7 @@ from . import seed_report as seed
 from .config import (COMPARE, DTYPES, MODELS, MODES, parse_batches, parse_device, parse_list, parse_positive,
                      unrunnable)
 from .environment import describe
-from .flops import count_macs, forward_flops, training_flops
+from ..models.flops import count_macs, forward_flops, training_flops
 from .memory import peak_memory_bytes
 from .metrics import figures
 from .plot import plot_throughput, require_matplotlib
@@ -35,6 +36,7 @@ from .progress import Progress
 from .record import table, write_record
 from .roofline import measured_peak_flops
 from .timing import time_round_robin
+from .tuning import tuning_table
 from .variants import STEPS, CompileUnavailable, Variant, first_call, prepare, running, synthetic_input
 from .verify import randomize_batch_norm_, verify_against_torchvision
 
@@ -95,8 +97,16 @@ def build_config(argv=None) -> Config:
     device = parse_device(args.device)
     on_gpu = device.type == "cuda"
     available = fastres.available_backends()
-    backends = available if args.backends.strip().lower() == "all" else parse_list(args.backends, "--backends",
-                                                                                   available)
+    if args.backends.strip().lower() == "all":
+        backends = available
+    else:
+        from ..ops.backend import KNOWN_BACKENDS, _WHY_UNAVAILABLE
+
+        backends = parse_list(args.backends, "--backends", KNOWN_BACKENDS)
+        for name in backends:
+            if name not in available:
+                raise ValueError(f"--backends: {name!r} is not available here: "
+                                 f"{_WHY_UNAVAILABLE.get(name, 'not built')}; available: {available}")
     compare = [] if args.compare.strip().lower() == "none" else parse_list(args.compare, "--compare", COMPARE)
     config = Config(
         model=args.model, device=device,
@@ -145,8 +155,10 @@ def _speedups(rows: List[dict], dtype: str) -> None:
 
 def _verify(config: Config, tv_model, record: dict) -> bool:
     timed = torch.randn(config.batches[0], 3, config.size, config.size, device=config.device)
-    checks = verify_against_torchvision(tv_model, torch.randn(2, 3, 64, 64, device=config.device), timed_x=timed)
-    print("Checking fastres against torchvision (fp32, TF32 off, 2x3x64x64 and the first timed shape):")
+    checks = verify_against_torchvision(tv_model, torch.randn(2, 3, 64, 64, device=config.device), timed_x=timed,
+                                        autocast_dtype=DTYPES[config.dtype])
+    also = "" if config.dtype == "fp32" else f", and {config.dtype} autocast"
+    print(f"Checking fastres against torchvision (fp32, TF32 off, 2x3x64x64 and the first timed shape{also}):")
     for check in checks:
         print(f"verify {check.what:42s} max rel error {check.error:.2e} "
               f"{'OK' if check.ok else 'FAILED'} (tolerance {check.tolerance:.0e})")
@@ -232,6 +244,10 @@ def run(config: Config, command: str) -> int:
     _speedups(record["results"], config.dtype)
     print(f"\n{config.model}, {config.dtype}, {config.size}x{config.size}, {env['device']}")
     print("\n".join(table(record["results"])))
+    record["tuning"] = fastres.tuning_report()
+    if record["tuning"]:
+        print("\nauto's choices (fastres.tuning_report()):")
+        print("\n".join(tuning_table(record["tuning"])))
     if config.seed_report:
         _seed_report(config, tv_model, fast_model, record)
     if config.json:

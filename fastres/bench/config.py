@@ -43,7 +43,8 @@ def parse_batches(text: object, what: str = "batch") -> List[int]:
     batches = []
     for item in (part.strip() for part in text.split(",")):
         if not item.isdigit() or int(item) < 1:
-            raise ValueError(f"{what} must be comma-separated positive integers, e.g. 1,32,256; got {item!r} in {text!r}")
+            raise ValueError(f"{what} must be comma-separated positive integers, e.g. 1,32,256; "
+                             f"got {item!r} in {text!r}")
         if int(item) not in batches:
             batches.append(int(item))
     return batches
@@ -97,7 +98,8 @@ def _points(device: torch.device, quick: bool, dtypes: Optional[str], layouts: O
     if dtypes or layouts or not quick:
         return tuple((d, l) for d in parse_list(dtypes or "fp32,bf16", "FASTRES_BENCH_DTYPES", list(DTYPES))
                      for l in parse_list(layouts or "nchw,channels_last", "FASTRES_BENCH_LAYOUTS", list(LAYOUTS)))
-    return (("fp32", "nchw"), ("fp32", "channels_last")) + ((("bf16", "channels_last"),) if device.type == "cuda" else ())
+    gpu = (("bf16", "channels_last"),) if device.type == "cuda" else ()
+    return (("fp32", "nchw"), ("fp32", "channels_last")) + gpu
 
 
 @dataclass(frozen=True)

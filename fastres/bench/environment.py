@@ -46,7 +46,7 @@ def describe(device: torch.device) -> dict:
         "cpu_cores": os.cpu_count(),
         # the vector instruction set torch's CPU kernels (and fastres's Winograd kernel) run on:
         # "AMD EPYC" alone does not tell a Zen 3 (AVX2) from a Zen 4 (AVX512)
-        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "device_type": device.type,
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -12,7 +12,8 @@ from .memory import CPU_NOTE
 from .metrics import cell
 
 COLUMNS = ("variant", "mode", "batch", "ms/batch (median +/- sd)", "img/s", "TFLOP/s", "% peak", "peak MiB",
-           "vs tv NCHW fp32", "vs tv channels_last AMP")
+           "vs tv NCHW fp32", "vs tv channels_last, same dtype")
+NOISY = 0.2  # a spread above this fraction of the median is flagged
 
 
 def table(rows: List[dict]) -> List[str]:
@@ -20,11 +21,25 @@ def table(rows: List[dict]) -> List[str]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["variant"], r["mode"], str(r["batch"]), f"{r['ms_median']:.2f} +/- {r['ms_spread']:.2f}",
+            r["variant"], r["mode"], str(r["batch"]), f"{r['ms_median']:.2f} +/- {r['ms_spread']:.2f}"
+            + (" (noisy)" if r["ms_spread"] > NOISY * r["ms_median"] else ""),
             f"{r['img_per_s']:.1f}", cell(r["tflops"], 3), cell(r["pct_of_peak"], 1),
             cell(r["peak_memory_mib"], 0), cell(r.get("vs_torchvision_nchw"), 2, "x"),
             cell(r.get("vs_torchvision_channels_last"), 2, "x")]) + " |")
-    return lines
+    return lines + notes(rows)
+
+
+def notes(rows: List[dict]) -> List[str]:
+    """What a reader of the table needs to know to read it right."""
+    out = []
+    if any(r["ms_spread"] > NOISY * r["ms_median"] for r in rows):
+        out.append(f"(noisy): spread above {NOISY:.0%} of the median; compare such rows only across repeated runs.")
+    if any((r.get("pct_of_peak") or 0) > 100 for r in rows):
+        out.append("% peak counts direct-convolution FLOPs over the measured matmul peak: Winograd does fewer "
+                   "multiplies, so it can pass 100%.")
+    if any(r.get("peak_memory_mib") is None for r in rows):
+        out.append("peak MiB: measured on CUDA only (torch.cuda.max_memory_allocated); n/a on the CPU.")
+    return out
 
 
 def markdown(record: dict) -> str:

@@ -124,7 +124,8 @@ def first_call(step: Callable[[], object], variant: Variant) -> float:
     except Exception as error:  # inductor reports a missing toolchain as many different errors
         if variant.compile_mode:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CompileUnavailable(f"torch.compile failed here: {type(error).__name__}: {first_line[:200]}") from error
+            raise CompileUnavailable(
+                f"torch.compile failed here: {type(error).__name__}: {first_line[:200]}") from error
         raise
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -44,11 +44,15 @@ class Check:
 
 
 def verify_against_torchvision(tv_model: nn.Module, x: torch.Tensor, tolerance: float = 1e-4,
-                               timed_x: Optional[torch.Tensor] = None) -> List[Check]:
+                               timed_x: Optional[torch.Tensor] = None,
+                               autocast_dtype: Optional[torch.dtype] = None) -> List[Check]:
     """Compare fastres.from_torchvision(tv_model) with tv_model on input x (fp32 numerics, TF32 off):
     eval output, and one training step (outputs, gradients, running statistics). With timed_x, also
     the eval output at the timed shape: some kernels are chosen by shape (the CPU path's Winograd
-    convolutions need enough tiles), so a small check input alone would not test what is timed."""
+    convolutions need enough tiles), so a small check input alone would not test what is timed.
+    With autocast_dtype (the benchmarked bf16/fp16), also the eval output under that autocast: its
+    error against the fp32 torchvision output may be at most twice torchvision's own under the same
+    autocast (plus 1e-3), since both round to that dtype."""
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -59,6 +63,13 @@ def verify_against_torchvision(tv_model: nn.Module, x: torch.Tensor, tolerance: 
             if timed_x is not None:
                 checks.append(Check(f"eval output at {tuple(timed_x.shape)}",
                                     relative_error(fast(timed_x), reference(timed_x)), tolerance))
+            if autocast_dtype is not None and autocast_dtype != torch.float32:
+                truth = reference(x)
+                with torch.autocast(x.device.type, dtype=autocast_dtype):
+                    ours, theirs = fast(x), reference(x)
+                name = str(autocast_dtype).replace("torch.", "")
+                own = relative_error(theirs, truth)
+                checks.append(Check(f"eval output, {name} autocast", relative_error(ours, truth), 2 * own + 1e-3))
         reference.train(), fast.train()
         x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
         out_ref, out_fast = reference(x_ref), fast(x_fast)

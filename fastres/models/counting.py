@@ -1,7 +1,7 @@
 """Parameter and multiply-add counts, the paper's convention (He et al. 2015, Table 1: ResNet-50
 at 224x224 is 3.8 x 10^9 with the stride on the first 1x1 conv, torchvision's v1.5 4.09 x 10^9).
 
-`count_macs` reuses the benchmark harness's hook-based counter (fastres.bench.flops) on a copy
+`count_macs` reuses the hook-based counter in fastres.models.flops (which the benchmarks use too) on a copy
 of the model on the meta device, so counting ResNet-152 at 224x224 does no arithmetic at all.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..bench.flops import count_macs as _count_macs_of_forward
+from .flops import count_macs as _count_macs_of_forward
 
 __all__ = ["count_params", "count_macs"]
 

@@ -16,10 +16,11 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
 from .. import ops
-from ..nn import conv_bn_act, folded_conv_bn, fusable_pair, fusable_relu, memory_format_of, uses_running_stats
+from ..nn import (batch_norm_act, bn_prologue, conv_bn_act, conv_bn_stats, folded_conv_bn, fusable_pair, fusable_relu,
+                  memory_format_of, norm_conv_chain_applies, uses_running_stats)
 from ..nn.folding import invalidate_all
-from ..ops import checks, onednn
-from ..ops.backend import get_backend
+from ..nn.fused import _no_global_hooks, has_hooks
+from ..ops import checks, dispatch
 
 __all__ = [
     "ResNet", "BasicBlock", "Bottleneck", "from_torchvision",
@@ -31,7 +32,7 @@ __all__ = [
 def _projection(downsample: Optional[nn.Module]):
     """(conv, bn) of a standard `Sequential(conv1x1, BatchNorm2d)` shortcut, else None."""
     if type(downsample) is nn.Sequential and len(downsample) == 2 \
-            and not downsample._forward_hooks and not downsample._forward_pre_hooks \
+            and not has_hooks(downsample) \
             and fusable_pair(downsample[0], downsample[1]):
         return downsample[0], downsample[1]
     return None
@@ -59,12 +60,30 @@ class _InvalidatesFolds:
         return super()._apply(*args, **kwargs)
 
 
+def _norm_conv_chain(block, pairs, x: Tensor) -> Tensor:
+    """Training NormConv chain: each conv emits its BN's batch statistics and the next conv applies that
+    BN + ReLU in its prologue, so relu(bn(y)) of the inner convs is never written; the last BN (+ the
+    shortcut, ReLU) is the block's output, applied as in phase A."""
+    (first_conv, first_bn), *rest = pairs
+    y, mean, invstd = conv_bn_stats(first_conv, first_bn, x)
+    previous = first_bn
+    for index, (conv, bn) in enumerate(rest):
+        last = index == len(rest) - 1
+        y, mean, invstd = conv_bn_stats(conv, None if last else bn, y, prologue=bn_prologue(previous, mean, invstd))
+        previous = bn
+    return batch_norm_act(previous, y, residual=_shortcut(block, x), relu=True)
+
+
 class BasicBlock(_InvalidatesFolds, tv_resnet.BasicBlock):
-    """torchvision's BasicBlock; forward = two fused conv+BN(+add)+ReLU."""
+    """torchvision's BasicBlock; forward = two fused conv+BN(+add)+ReLU (in training, where a fast
+    norm_conv covers it, the NormConv chain)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not fusable_relu(self.relu):
             return super().forward(x)
+        pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+        if self.training and norm_conv_chain_applies(pairs, x):
+            return _norm_conv_chain(self, pairs, x)
         out = conv_bn_act(self.conv1, self.bn1, x, relu=True)
         return conv_bn_act(self.conv2, self.bn2, out, residual=_shortcut(self, x), relu=True)
 
@@ -91,6 +110,9 @@ class Bottleneck(_InvalidatesFolds, tv_resnet.Bottleneck):
     def forward(self, x: Tensor) -> Tensor:
         if not fusable_relu(self.relu):
             return super().forward(x)
+        pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+        if self.training and norm_conv_chain_applies(pairs, x):
+            return _norm_conv_chain(self, pairs, x)
         out = conv_bn_act(self.conv1, self.bn1, x, relu=True)
         out = conv_bn_act(self.conv2, self.bn2, out, relu=True)
         tail = self._fused_tail_pairs()
@@ -139,12 +161,13 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
         checks.model_input(x, self.conv1)
         if not fusable_relu(self.relu):
             return super()._forward_impl(x)
-        if self._channels_last_inference(x):
-            x = x.contiguous(memory_format=torch.channels_last)
-            if not torch.compiler.is_compiling():  # traced graphs never take the oneDNN path
-                # One check of the (small) input spares the oneDNN path a NaN check per layer.
-                with onednn.finite_activations(onednn.all_finite(x)), \
-                        onednn.reusable_activations(self._activations_private()):
+        layout = dispatch.preferred_memory_format(x, self.training)
+        if layout is not None:
+            x = x.contiguous(memory_format=layout)
+            if not torch.compiler.is_compiling():  # traced graphs never take the CPU fast path
+                # One check of the (small) input spares the fast paths a NaN check per layer.
+                with dispatch.forward_context(input_finite=bool(torch.isfinite(x.sum())),
+                                              private_activations=self._activations_private()):
                     return self._fused_forward(x)
         return self._fused_forward(x)
 
@@ -162,19 +185,12 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
     def _activations_private(self) -> bool:
         """Whether only this forward sees the blocks' outputs (so a block may write its output over its
         dead input): every block is a fastres block, and no hook anywhere could keep an output."""
-        module_hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-        global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                        "_global_backward_pre_hooks")
-        if any(getattr(nn.modules.module, name, None) for name in global_hooks):
+        if not _no_global_hooks():
             return False
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             if type(layer) is not nn.Sequential or any(type(block) not in (BasicBlock, Bottleneck) for block in layer):
                 return False
-        return not any(getattr(module, name, None) for module in self.modules() for name in module_hooks)
-
-    def _channels_last_inference(self, x: Tensor) -> bool:
-        return (not self.training and isinstance(x, Tensor) and x.dim() == 4 and x.device.type == "cpu"
-                and x.dtype == torch.float32 and onednn.AVAILABLE and get_backend() == "auto")
+        return not any(has_hooks(module) for module in self.modules())
 
 
 def from_torchvision(model: nn.Module) -> ResNet:

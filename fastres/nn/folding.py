@@ -10,8 +10,8 @@ optimizers write parameters without a version bump; a global step hook catches e
 optimizer), BatchNorm's running-statistic update (done inside the kernel: fastres's
 training BN path and train()/eval() switches of fastres modules bump the generation),
 module conversions, and DistributedDataParallel's buffer broadcast before each forward
-(it preserves the version counters on purpose; its `_sync_buffers` is wrapped here). The entry keeps the folded-from tensors alive, so a freed storage
-cannot come back at the same address and fake a match.
+(it preserves the version counters on purpose; its `_sync_buffers` is wrapped here). The entry keeps
+the folded-from tensors alive, so a freed storage cannot come back at the same address and fake a match.
 
 Not detectable: in-place edits through `.data` (PyTorch gives `.data` a fresh version
 counter). After such edits call `clear_fold_cache()`, or set FASTRES_FOLD_CACHE=0 to fold

@@ -15,6 +15,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import ops
+from ..layout import memory_format_of
+from ..ops import dispatch as _dispatch
 from .folding import folded_conv_bn, invalidate_all
 
 _global_hook_dicts = [
@@ -55,14 +57,20 @@ def uses_running_stats(bn: _BatchNorm) -> bool:
     return not bn.training and bn.running_mean is not None and bn.running_var is not None
 
 
-def batch_norm_act(bn: _BatchNorm, y: torch.Tensor, *, residual: Optional[torch.Tensor] = None,
-                   relu: bool = True) -> torch.Tensor:
-    """bn(y) (+ residual) (+ ReLU) with nn.BatchNorm2d's exact semantics, buffers included."""
+def _momentum_factor(bn: _BatchNorm) -> float:
+    """The running-statistics factor of this forward, counting the batch as nn.BatchNorm2d does."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average, as torch does it
             factor = 1.0 / float(bn.num_batches_tracked)
+    return factor
+
+
+def batch_norm_act(bn: _BatchNorm, y: torch.Tensor, *, residual: Optional[torch.Tensor] = None,
+                   relu: bool = True) -> torch.Tensor:
+    """bn(y) (+ residual) (+ ReLU) with nn.BatchNorm2d's exact semantics, buffers included."""
+    factor = _momentum_factor(bn)
     use_batch_stats = bn.training or bn.running_mean is None
     track = not bn.training or bn.track_running_stats
     out = ops.batch_norm_act(
@@ -73,12 +81,6 @@ def batch_norm_act(bn: _BatchNorm, y: torch.Tensor, *, residual: Optional[torch.
         # bumping them would trip autograd, which saved them): make cached folds stale instead.
         invalidate_all()
     return out
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, *, residual: Optional[torch.Tensor] = None,
@@ -94,3 +96,46 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, *, residual: Op
         return ops.conv2d_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                               residual=residual, relu=relu)
     return batch_norm_act(bn, conv(x), residual=residual, relu=relu)
+
+
+# ---------------------------------------------------------------- NormConv chain (training)
+
+def _chain_pair(conv: nn.Module, bn: nn.Module) -> bool:
+    return fusable_pair(conv, bn) and conv.bias is None and bn.training
+
+
+def norm_conv_chain_applies(pairs, x: torch.Tensor) -> bool:
+    """Whether a training block of (conv, bn) pairs runs as a NormConv chain: every pair fusable and in
+    training, and a non-reference norm_conv implementation covers the first conv (elsewhere -- the CPU
+    default, backend "torch" -- the block keeps its phase-A path unchanged)."""
+    if not all(_chain_pair(conv, bn) for conv, bn in pairs):
+        return False
+    conv, bn = pairs[0]
+    return _dispatch.fast_path_covers("norm_conv", dict(
+        x=x, weight=conv.weight, scale=None, shift=None, relu=False, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, running_mean=bn.running_mean, running_var=bn.running_var,
+        momentum=0.1, eps=bn.eps))
+
+
+def conv_bn_stats(conv: nn.Conv2d, bn: Optional[_BatchNorm], x: torch.Tensor, prologue: Optional[tuple] = None):
+    """(y, mean, invstd): y = conv(relu?(x * scale + shift)) (prologue = (scale, shift, relu), the previous
+    BN's apply) with the batch statistics of y for `bn`, whose running buffers and batch count are updated
+    as nn.BatchNorm2d does. bn=None: statistics only, nothing updated."""
+    scale, shift, relu = prologue if prologue is not None else (None, None, False)
+    track = bn is not None and bn.track_running_stats and bn.running_mean is not None
+    factor = _momentum_factor(bn) if bn is not None else 0.0
+    out = ops.norm_conv(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups, scale=scale,
+                        shift=shift, relu=relu, running_mean=bn.running_mean if track else None,
+                        running_var=bn.running_var if track else None, momentum=factor,
+                        eps=bn.eps if bn is not None else 1e-5)
+    if track:
+        invalidate_all()
+    return out
+
+
+def bn_prologue(bn: _BatchNorm, mean: torch.Tensor, invstd: torch.Tensor, relu: bool = True) -> tuple:
+    """(scale, shift, relu) of training BN with these batch statistics: the next conv's prologue.
+    Plain (differentiable) per-channel torch ops, so the gradient reaches mean and invstd."""
+    scale = invstd * bn.weight if bn.weight is not None else invstd
+    shift = -mean * scale
+    return scale, shift + bn.bias if bn.bias is not None else shift, relu

@@ -5,6 +5,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..layout import conv_output_size
+
 IntPair = Union[int, Sequence[int]]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -22,10 +24,7 @@ def tensor(value: object, name: str, *, ndim: Optional[int] = None) -> torch.Ten
 
 def _autocast_enabled(device_type: str) -> bool:
     # Under autocast the convolution casts its operands itself, so mixed dtypes are fine.
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device argument
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled(device_type)
 
 
 def same_place(value: torch.Tensor, name: str, like: torch.Tensor, like_name: str, *, dtype: bool = True) -> None:
@@ -81,8 +80,7 @@ def residual(value: object, expected_shape: Sequence[int], like: torch.Tensor) -
 def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int, int, int]:
     n, _, h, w = x.shape
     kh, kw = weight.shape[-2:]
-    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out_h, out_w = conv_output_size(h, w, (kh, kw), stride, padding, dilation)
     if out_h <= 0 or out_w <= 0:
         raise ValueError(
             f"x of spatial size {h}x{w} is too small for a {kh}x{kw} kernel with stride {stride}, "

@@ -1,8 +1,7 @@
 """The public fused ops: check the arguments once, then run the chosen backend.
 
-Each op names its exact semantics (DESIGN.md section 2). "torch" always runs the
-reference; "auto" takes the fastest path that covers the call and falls back to the
-reference for anything the fast paths do not cover.
+Each op names its exact semantics (docs/design.md, "The ops"). Which implementation runs is
+decided in one place, `dispatch.py` (the table of implementations is `implementations.py`).
 """
 from __future__ import annotations
 
@@ -10,48 +9,8 @@ from typing import Optional
 
 import torch
 
-from . import checks, compiled, onednn, reference, registry
-from .backend import get_backend
-
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _fast_cpu(x, weight, residual) -> bool:
-    return get_backend() == "auto" and onednn.applies(x, weight, residual)
-
-
-def _triton(x: torch.Tensor) -> bool:
-    """Backend "triton" was chosen and its kernels cover x's device and dtype (else: the reference)."""
-    if get_backend() != "triton" or x.dtype not in TRITON_DTYPES and not _autocast_dtype(x):
-        return False
-    return x.device.type == "cuda" or (x.device.type == "cpu" and registry.TRITON_AVAILABLE)
-
-
-def _compiled(x: torch.Tensor) -> bool:
-    """Backend "cpp" was chosen and fastres._C has kernels for x's device."""
-    return get_backend() == "cpp" and compiled.covers(x)
-
-
-def _autocast_dtype(x: torch.Tensor):
-    """The dtype autocast would run a convolution in, or None (custom ops are not autocast by torch).
-    Like torch's autocast, float64 is never cast."""
-    if x.dtype == torch.float64:
-        return None
-    try:
-        enabled = torch.is_autocast_enabled(x.device.type)
-    except TypeError:  # torch < 2.4
-        enabled = torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
-    if not enabled:
-        return None
-    try:
-        return torch.get_autocast_dtype(x.device.type)
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_gpu_dtype() if x.is_cuda else torch.get_autocast_cpu_dtype()
-
-
-def _cast(dtype, *tensors):
-    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
-
+from . import checks, implementations, reference  # noqa: F401  (implementations fills the dispatch table)
+from .dispatch import dispatch
 
 def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5):
     """Fold eval-mode BatchNorm into the preceding conv: returns (weight, bias) in fp32 (fp64 stays fp64).
@@ -61,7 +20,8 @@ def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_va
     """
     checks.tensor(conv_weight, "conv_weight")
     if conv_weight.dim() < 2:
-        raise ValueError(f"conv_weight must be at least 2-D (out_channels, in_channels, ...); got {tuple(conv_weight.shape)}")
+        raise ValueError("conv_weight must be at least 2-D (out_channels, in_channels, ...); "
+                         f"got {tuple(conv_weight.shape)}")
     channels = conv_weight.shape[0]
     checks.per_channel(conv_bias, "conv_bias", channels, conv_weight, "conv_weight")
     checks.per_channel(bn_weight, "bn_weight", channels, conv_weight, "conv_weight")
@@ -95,15 +55,8 @@ def conv2d_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     checks.per_channel(bias, "bias", weight.shape[0], x, "x")
     checks.flag(relu, "relu")
     checks.residual(residual, checks.conv_output_shape(x, weight, stride, padding, dilation), x)
-    if _triton(x):
-        x, weight, bias, residual = _cast(_autocast_dtype(x) or x.dtype, x, weight, bias, residual)
-        return registry.triton_conv2d_act(x, weight, bias, list(stride), list(padding), list(dilation), groups,
-                                          residual, relu)
-    if _compiled(x):
-        x, weight, bias, residual = _cast(_autocast_dtype(x) or x.dtype, x, weight, bias, residual)
-        return compiled.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
-    impl = onednn if _fast_cpu(x, weight, residual) else reference
-    return impl.conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+    return dispatch("conv2d_act", dict(x=x, weight=weight, bias=bias, stride=stride, padding=padding,
+                                       dilation=dilation, groups=groups, residual=residual, relu=relu))
 
 
 def batch_norm_act(x, weight, bias, running_mean, running_var, *, training: bool, momentum: float = 0.1,
@@ -123,24 +76,19 @@ def batch_norm_act(x, weight, bias, running_mean, running_var, *, training: bool
         raise ValueError("running_mean and running_var must be given together or both be None")
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
-    if momentum is None or isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+    if (momentum is None or isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+            or not 0 <= momentum <= 1):
         raise ValueError(f"momentum must be a number in [0, 1] (the module turns momentum=None into 1/num_batches); "
                          f"got {momentum!r}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
         raise ValueError(f"eps must be a non-negative number; got {eps!r}")
     if training and x.numel() > 0 and x.numel() // channels <= 1:
-        raise ValueError(f"x of shape {tuple(x.shape)} has one value per channel; training BatchNorm needs more than one")
+        raise ValueError(f"x of shape {tuple(x.shape)} has one value per channel; "
+                         "training BatchNorm needs more than one")
     checks.residual(residual, x.shape, x)
-    if _triton(x) and x.numel() > 0:
-        (residual,) = _cast(x.dtype, residual)
-        return registry.batch_norm_act(x, weight, bias, running_mean, running_var, residual, training,
-                                       float(momentum), float(eps), relu)
-    if _compiled(x) and x.numel() > 0:
-        (residual,) = _cast(x.dtype, residual)
-        return compiled.batch_norm_act(x, weight, bias, running_mean, running_var, residual, training,
-                                       float(momentum), float(eps), relu)
-    return reference.batch_norm_act(x, weight, bias, running_mean, running_var, training, float(momentum),
-                                    float(eps), residual, relu)
+    return dispatch("batch_norm_act", dict(x=x, weight=weight, bias=bias, running_mean=running_mean,
+                                           running_var=running_var, training=training, momentum=float(momentum),
+                                           eps=float(eps), residual=residual, relu=relu))
 
 
 def add_relu(x, residual):
@@ -149,11 +97,7 @@ def add_relu(x, residual):
     if residual is None:
         raise TypeError("residual must be a torch.Tensor; got None")
     checks.residual(residual, x.shape, x)
-    if _triton(x):
-        return registry.triton_add_relu(x, residual)
-    if _compiled(x) and x.numel() > 0:
-        return compiled.add_relu(x, residual)
-    return reference.add_relu(x, residual)
+    return dispatch("add_relu", dict(x=x, residual=residual))
 
 
 def bottleneck_tail(h, w3, x, wd, bias=None, *, stride=1, relu: bool = True):
@@ -181,11 +125,52 @@ def bottleneck_tail(h, w3, x, wd, bias=None, *, stride=1, relu: bool = True):
                          f"{(h.shape[0],) + tuple(h.shape[2:])}; expected them equal")
     checks.per_channel(bias, "bias", w3.shape[0], h, "h")
     checks.flag(relu, "relu")
-    if _triton(h):
-        h, w3, x, wd, bias = _cast(_autocast_dtype(h) or h.dtype, h, w3, x, wd, bias)
-        return registry.triton_bottleneck_tail(h, w3, x, wd, bias, list(stride), relu)
-    if _compiled(h):
-        h, w3, x, wd, bias = _cast(_autocast_dtype(h) or h.dtype, h, w3, x, wd, bias)
-        return compiled.bottleneck_tail(h, w3, x, wd, bias, stride, relu)
-    impl = onednn if _fast_cpu(h, w3, None) and onednn.applies(x, wd, None) else reference
-    return impl.bottleneck_tail(h, w3, x, wd, bias, stride, relu)
+    return dispatch("bottleneck_tail", dict(h=h, w3=w3, x=x, wd=wd, bias=bias, stride=stride, relu=relu))
+
+
+def norm_conv(x, weight, stride=1, padding=0, dilation=1, groups=1, *, scale: Optional[torch.Tensor] = None,
+              shift: Optional[torch.Tensor] = None, relu: bool = False, running_mean: Optional[torch.Tensor] = None,
+              running_var: Optional[torch.Tensor] = None, momentum: float = 0.1, eps: float = 1e-5):
+    """NormConv (training): y = conv2d(relu?(x * scale[c] + shift[c]), weight) -- the previous BatchNorm's
+    apply as this conv's prologue (scale/shift None: x itself) -- and (mean, invstd) of y per output
+    channel from the batch, as the next BatchNorm uses them; its running buffers (when given) are
+    updated in place as torch.nn.BatchNorm2d does with this momentum. Returns (y, mean, invstd); all
+    three are differentiable (mean/invstd in fp32, fp64 for fp64 x). No bias: BatchNorm follows."""
+    checks.tensor(x, "x", ndim=4)
+    checks.tensor(weight, "weight", ndim=4)
+    checks.same_place(weight, "weight", x, "x")
+    stride = checks.pair(stride, "stride", minimum=1)
+    padding = checks.pair(padding, "padding", minimum=0)
+    dilation = checks.pair(dilation, "dilation", minimum=1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int; got {groups!r}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[1]} x groups={groups} = "
+                         f"{weight.shape[1] * groups}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"weight's {weight.shape[0]} output channels are not divisible by groups={groups}")
+    checks.flag(relu, "relu")
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift must be given together or both be None")
+    if scale is None and relu:
+        raise ValueError("relu=True applies to the prologue: it needs scale and shift")
+    checks.per_channel(scale, "scale", x.shape[1], x, "x")
+    checks.per_channel(shift, "shift", x.shape[1], x, "x")
+    out_channels = weight.shape[0]
+    checks.per_channel(running_mean, "running_mean", out_channels, x, "x")
+    checks.per_channel(running_var, "running_var", out_channels, x, "x")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+    if (momentum is None or isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+            or not 0 <= momentum <= 1):
+        raise ValueError(f"momentum must be a number in [0, 1] (the module turns momentum=None into 1/num_batches); "
+                         f"got {momentum!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
+    out_shape = checks.conv_output_shape(x, weight, stride, padding, dilation)
+    if out_shape[0] * out_shape[2] * out_shape[3] <= 1:
+        raise ValueError(f"the conv output {tuple(out_shape)} has at most one value per channel; "
+                         "batch statistics need more than one")
+    return dispatch("norm_conv", dict(x=x, weight=weight, scale=scale, shift=shift, relu=relu, stride=stride,
+                                      padding=padding, dilation=dilation, groups=groups, running_mean=running_mean,
+                                      running_var=running_var, momentum=float(momentum), eps=float(eps)))

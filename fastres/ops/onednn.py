@@ -20,13 +20,15 @@ the summation order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from typing import Optional
 
 import torch
 
-from . import checks, reference, winograd
+from ..layout import conv_output_size
+from . import checks, dispatch, reference, winograd
 
 try:
     from torch.utils.weak import WeakIdKeyDictionary
@@ -128,6 +130,15 @@ def reusable_activations(enabled: bool):
         _local.reusable = saved
 
 
+@contextlib.contextmanager
+def _within_forward(context: "dispatch.ForwardContext"):
+    with finite_activations(context.input_finite), reusable_activations(context.private_activations):
+        yield
+
+
+dispatch.on_forward_context(_within_forward)
+
+
 def _made_here(out: torch.Tensor) -> torch.Tensor:
     reusable = getattr(_local, "reusable", None)
     if reusable is not None:
@@ -142,16 +153,22 @@ def _reusable(residual: torch.Tensor, x: torch.Tensor) -> bool:
             and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
 
 
-def conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu):
-    return _made_here(_conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu))
+def conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu, method=None):
+    """method: "direct" (oneDNN), "winograd4" / "winograd2" (F(4x4) / F(2x2), where winograd.covers),
+    or None for the static rule (winograd.applies, F(4x4) where the image is whole 4x4 tiles)."""
+    return _made_here(_conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu, method))
 
 
-def _conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+def _conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, relu, method=None):
     # 3x3 stride-1 convolutions go to Winograd (winograd.py) when every operand is finite:
     # its transforms would turn one Inf into NaNs across a tile.
-    use_winograd = winograd.applies(x, weight, stride, padding, dilation, groups)
-    if use_winograd:
+    if method is None:
+        use_winograd = winograd.applies(x, weight, stride, padding, dilation, groups)
         tile = winograd.tile_size(x)
+    else:
+        use_winograd = method.startswith("winograd")
+        tile = int(method[len("winograd"):]) if use_winograd else 0
+    if use_winograd:
         packed, weight_finite = _packed_weight(weight, ("winograd", tile),
                                                lambda dense: winograd.pack_weight(dense, tile))
     else:
@@ -195,6 +212,32 @@ def _joined_weight(w3, wd):
         joined = torch.cat([w3.detach(), wd.detach()], dim=1)
     _joined[w3] = (weakref.ref(wd), (w3._version, wd._version), joined)
     return joined
+
+
+def unsupported(x, weight, stride, padding, dilation, residual):
+    """None, or why this torch's oneDNN cannot run the call. torch 2.11's fused binary convolution
+    fails ("could not create a memory") for a residual add whose output is 1x1 spatial (fine on 2.14):
+    probed once per process on a tiny such convolution, not guessed from the version."""
+    if residual is None:
+        return None
+    out_h, out_w = conv_output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    if out_h * out_w == 1 and not _binary_1x1_works():
+        return "not covered: this torch's oneDNN fails a fused residual add on a 1x1 output"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _binary_1x1_works() -> bool:
+    try:
+        with torch.no_grad():
+            x = torch.ones(1, 8, 1, 1).contiguous(memory_format=torch.channels_last)
+            w = torch.ones(8, 8, 1, 1)
+            packed = _mkldnn._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, [1, 8, 1, 1])
+            y = _mkldnn._convolution_pointwise.binary(x, x.clone(), packed, None, [0, 0], [1, 1], [1, 1], 1, "add",
+                                                      None, "relu", [], "")
+        return bool(torch.all(y == 9))
+    except RuntimeError:
+        return False
 
 
 def bottleneck_tail(h, w3, x, wd, bias, stride, relu):

@@ -51,3 +51,48 @@ def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_va
         shift = shift + bn_bias.to(dtype)
     weight = conv_weight.to(dtype) * scale.reshape(-1, 1, 1, 1)
     return weight, shift
+
+
+# ------------------------------------------------------------------ NormConv (training)
+
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """Per-channel statistics are fp32, fp64 for fp64 activations."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def prologue(x, scale, shift, relu):
+    """relu?(x * scale[c] + shift[c]), computed in the statistics' precision, stored in x's dtype."""
+    dtype = torch.promote_types(stats_dtype(x), scale.dtype)
+    z = x.to(dtype) * scale.to(dtype).reshape(1, -1, 1, 1) + shift.to(dtype).reshape(1, -1, 1, 1)
+    return (torch.relu(z) if relu else z).to(x.dtype)
+
+
+def norm_conv_stats(x, weight, scale, shift, relu, stride, padding, dilation, groups):
+    """(y, mean, var): y = conv2d(relu?(x * scale + shift)) (x itself when scale is None) and y's
+    per-channel batch mean and biased variance. All three are differentiable."""
+    a = x if scale is None else prologue(x, scale, shift, relu)
+    y = F.conv2d(a, weight, None, stride, padding, dilation, groups)
+    var, mean = torch.var_mean(y.to(stats_dtype(y)), dim=(0, 2, 3), correction=0)
+    return y, mean, var
+
+
+def update_running_(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    """The running buffers as nn.BatchNorm2d updates them (unbiased variance), on the device."""
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        running_mean.mul_(1.0 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
+        unbiased = var.detach() * (count / max(count - 1, 1))
+        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def finish_norm_conv(y, mean, var, running_mean, running_var, momentum, eps):
+    """(y, mean, invstd) of an implementation's (y, mean, var); the running buffers updated."""
+    update_running_(running_mean, running_var, mean, var, y.numel() // y.shape[1], momentum)
+    return y, mean, torch.rsqrt(var + eps)
+
+
+def norm_conv(x, weight, scale, shift, relu, stride, padding, dilation, groups, running_mean, running_var,
+              momentum, eps):
+    y, mean, var = norm_conv_stats(x, weight, scale, shift, relu, stride, padding, dilation, groups)
+    return finish_norm_conv(y, mean, var, running_mean, running_var, momentum, eps)

@@ -10,11 +10,14 @@ without a GPU the kernels only run under `TRITON_INTERPRET=1`.
 """
 from __future__ import annotations
 
+import importlib
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from torch import Tensor
+
+from ..layout import conv_output_size, empty_in_format_of as _empty_like_format, memory_format_of as _format_of
 
 LIB = "fastres"
 
@@ -38,27 +41,14 @@ def triton_status() -> tuple[bool, str]:
     return TRITON_AVAILABLE, _TRITON_WHY_NOT
 
 
-def _kernels():
-    from ..kernels.triton import add_relu, batch_norm, conv
-    return conv, batch_norm, add_relu
-
-
-def _format_of(t: Tensor) -> torch.memory_format:
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _empty_like_format(t: Tensor, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> Tensor:
-    return torch.empty(shape, dtype=dtype or t.dtype, device=t.device, memory_format=_format_of(t))
+def _kernel(name: str):
+    """The Triton kernel module `name` (conv, batch_norm, add_relu), imported on first use."""
+    return importlib.import_module(f"..kernels.triton.{name}", __package__)
 
 
 def _conv_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> List[int]:
-    n, _, h, w = x.shape
-    r, s = weight.shape[2:]
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return [n, weight.shape[0], p, q]
+    return [x.shape[0], weight.shape[0], *conv_output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding,
+                                                           dilation)]
 
 
 def _relu_mask(grad: Tensor, y: Tensor, relu: bool) -> Tensor:
@@ -69,7 +59,7 @@ def _relu_mask(grad: Tensor, y: Tensor, relu: bool) -> Tensor:
 @torch.library.custom_op(f"{LIB}::triton_relu_backward", mutates_args=())
 def triton_relu_backward(grad: Tensor, y: Tensor) -> Tensor:
     """grad where y > 0, else 0."""
-    return _kernels()[2].relu_backward(grad, y)
+    return _kernel("add_relu").relu_backward(grad, y)
 
 
 @triton_relu_backward.register_fake
@@ -91,18 +81,19 @@ def _conv_grads(g: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation,
 
 @torch.library.custom_op(f"{LIB}::triton_conv2d_act", mutates_args=())
 def triton_conv2d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
-                      dilation: List[int], groups: int, residual: Optional[Tensor], relu: bool) -> Tensor:
-    return _kernels()[0].conv2d_act(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
-                                    residual, relu)
+                      dilation: List[int], groups: int, residual: Optional[Tensor], relu: bool,
+                      config: str = "") -> Tensor:
+    return _kernel("conv").conv2d_act(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
+                                    residual, relu, config=config)
 
 
 @triton_conv2d_act.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+def _(x, weight, bias, stride, padding, dilation, groups, residual, relu, config=""):
     return _empty_like_format(x, _conv_shape(x, weight, stride, padding, dilation))
 
 
 def _conv_setup(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, groups, residual, relu = inputs
+    x, weight, bias, stride, padding, dilation, groups, residual, relu, _config = inputs
     ctx.save_for_backward(x, weight, output if relu else None)
     ctx.conv = (stride, padding, dilation, groups)
     ctx.relu, ctx.has_bias, ctx.has_residual = relu, bias is not None, residual is not None
@@ -116,7 +107,7 @@ def _conv_backward(ctx, grad):
     dx, dw = _conv_grads(g, x, weight, stride, padding, dilation, groups, needs[0], needs[1])
     dbias = g.sum((0, 2, 3), dtype=torch.float32).to(g.dtype) if ctx.has_bias and needs[2] else None
     dres = g if ctx.has_residual and needs[7] else None
-    return dx, dw, dbias, None, None, None, None, dres, None
+    return dx, dw, dbias, None, None, None, None, dres, None, None
 
 
 triton_conv2d_act.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -126,18 +117,18 @@ triton_conv2d_act.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 @torch.library.custom_op(f"{LIB}::triton_bottleneck_tail", mutates_args=())
 def triton_bottleneck_tail(h: Tensor, w3: Tensor, x: Tensor, wd: Tensor, bias: Optional[Tensor], stride: List[int],
-                           relu: bool) -> Tensor:
-    return _kernels()[0].conv2d_act(h, w3, bias, (1, 1), (0, 0), (1, 1), 1, None, relu,
-                                    second=(x, wd, tuple(stride)))
+                           relu: bool, config: str = "") -> Tensor:
+    return _kernel("conv").conv2d_act(h, w3, bias, (1, 1), (0, 0), (1, 1), 1, None, relu,
+                                    second=(x, wd, tuple(stride)), config=config)
 
 
 @triton_bottleneck_tail.register_fake
-def _(h, w3, x, wd, bias, stride, relu):
+def _(h, w3, x, wd, bias, stride, relu, config=""):
     return _empty_like_format(h, [h.shape[0], w3.shape[0], h.shape[2], h.shape[3]])
 
 
 def _tail_setup(ctx, inputs, output):
-    h, w3, x, wd, bias, stride, relu = inputs
+    h, w3, x, wd, bias, stride, relu, _config = inputs
     ctx.save_for_backward(h, w3, x, wd, output if relu else None)
     ctx.stride, ctx.relu, ctx.has_bias = stride, relu, bias is not None
 
@@ -149,16 +140,126 @@ def _tail_backward(ctx, grad):
     dh, dw3 = _conv_grads(g, h, w3, (1, 1), (0, 0), (1, 1), 1, needs[0], needs[1])
     dx, dwd = _conv_grads(g, x, wd, ctx.stride, (0, 0), (1, 1), 1, needs[2], needs[3])
     dbias = g.sum((0, 2, 3), dtype=torch.float32).to(g.dtype) if ctx.has_bias and needs[4] else None
-    return dh, dw3, dx, dwd, dbias, None, None
+    return dh, dw3, dx, dwd, dbias, None, None, None
 
 
 triton_bottleneck_tail.register_autograd(_tail_backward, setup_context=_tail_setup)
 
 
+# ---------------------------------------------------------------- NormConv (training)
+#
+# (y, mean, var) = conv2d(relu?(x * scale + shift)) and y's per-channel batch mean and biased
+# variance: the previous BatchNorm's apply is this conv's prologue, the next BatchNorm's statistics
+# its epilogue. Functional (the running buffers are updated by the caller, reference.finish_norm_conv:
+# an operator that mutates cannot carry an autograd formula) and differentiable in all three
+# outputs, so scale/shift made from the previous op's (mean, var) by plain torch ops chain the
+# exact BatchNorm training gradient. The backward saves the RAW input x (never relu(bn(x))) and y
+# (the next layer's input, saved there anyway) and recomputes the prologue.
+
+@torch.library.custom_op(f"{LIB}::triton_norm_conv", mutates_args=())
+def triton_norm_conv(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], relu: bool,
+                     stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                     config: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    prologue = None if scale is None else (scale.float().contiguous(), shift.float().contiguous(), relu)
+    return _kernel("conv").conv2d_act(x, weight, None, tuple(stride), tuple(padding), tuple(dilation), groups, None,
+                                    False, config=config, prologue=prologue, stats=True)
+
+
+@triton_norm_conv.register_fake
+def _(x, weight, scale, shift, relu, stride, padding, dilation, groups, config=""):
+    return _fake_norm_conv(x, weight, stride, padding, dilation)
+
+
+def _fake_norm_conv(x, weight, stride, padding, dilation):
+    y = _empty_like_format(x, _conv_shape(x, weight, stride, padding, dilation))
+    stats = x.new_empty((weight.shape[0],), dtype=_stats_dtype(x))
+    return y, stats, torch.empty_like(stats)
+
+
+def _norm_conv_setup(ctx, inputs, output):
+    x, weight, scale, shift, relu, stride, padding, dilation, groups = inputs[:9]
+    y, mean, _ = output
+    ctx.save_for_backward(x, weight, scale, shift, y, mean)
+    ctx.conv, ctx.relu = (stride, padding, dilation, groups), relu
+    ctx.set_materialize_grads(False)  # unused statistics cost nothing in the backward
+
+
+def norm_conv_output_grad(gy: Optional[Tensor], gmean: Optional[Tensor], gvar: Optional[Tensor], y: Tensor,
+                          mean: Tensor) -> Tensor:
+    """d loss / d y given the gradients of y, mean(y) and var(y) (biased, per channel)."""
+    if gmean is None and gvar is None:
+        return gy if gy is not None else torch.zeros_like(y)
+    dtype = mean.dtype
+    count = y.numel() // y.shape[1]
+    g = gy.to(dtype) if gy is not None else torch.zeros_like(y, dtype=dtype)
+    if gmean is not None:
+        g = g + (gmean / count).reshape(1, -1, 1, 1)
+    if gvar is not None:
+        g = g + (gvar * (2.0 / count)).reshape(1, -1, 1, 1) * (y.to(dtype) - mean.reshape(1, -1, 1, 1))
+    return g.to(y.dtype)
+
+
+def _norm_conv_backward(ctx, gy, gmean, gvar):
+    from . import reference
+    x, weight, scale, shift, y, mean = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    needs = ctx.needs_input_grad
+    g = norm_conv_output_grad(gy, gmean, gvar, y, mean)
+    has_prologue = scale is not None
+    a = reference.prologue(x, scale, shift, ctx.relu) if has_prologue else x  # recomputed, not saved
+    need_da = needs[0] or (has_prologue and (needs[2] or needs[3]))
+    da, dw = _conv_grads(g, a, weight, stride, padding, dilation, groups, need_da, needs[1])
+    if not has_prologue:
+        return da, dw, None, None, None, None, None, None, None, None
+    dx = dscale = dshift = None
+    if need_da:
+        dtype = torch.promote_types(reference.stats_dtype(x), scale.dtype)
+        gz = da.to(dtype)
+        if ctx.relu:
+            gz = torch.where(a > 0, gz, 0.0)
+        if needs[0]:
+            dx = (gz * scale.to(dtype).reshape(1, -1, 1, 1)).to(x.dtype)
+        if needs[2]:
+            dscale = (gz * x.to(dtype)).sum((0, 2, 3)).to(scale.dtype)
+        if needs[3]:
+            dshift = gz.sum((0, 2, 3)).to(shift.dtype)
+    return dx, dw, dscale, dshift, None, None, None, None, None, None
+
+
+triton_norm_conv.register_autograd(_norm_conv_backward, setup_context=_norm_conv_setup)
+
+
+def _cudnn_norm_conv_impl(x, weight, scale, shift, relu, stride, padding, dilation, groups):
+    y, total, squares = torch.ops.fastres.cudnn_conv_genstats(x, weight, scale, shift, relu, list(stride),
+                                                              list(padding), list(dilation), groups)
+    count = y.numel() // y.shape[1]
+    mean = total.double() / count  # the sums are fp32; their difference is taken in fp64
+    var = (squares.double() / count - mean * mean).clamp_min(0.0)
+    return y, mean.float(), var.float()
+
+
+def _register_cudnn_norm_conv():
+    """The cuDNN-graph twin of triton_norm_conv (fastres._C's cudnn_conv_genstats), same autograd."""
+    op = torch.library.custom_op(f"{LIB}::cudnn_norm_conv", mutates_args=())(_cudnn_norm_conv_op)
+    op.register_fake(lambda x, weight, scale, shift, relu, stride, padding, dilation, groups:
+                     _fake_norm_conv(x, weight, stride, padding, dilation))
+    op.register_autograd(_norm_conv_backward, setup_context=_norm_conv_setup)
+    return op
+
+
+def _cudnn_norm_conv_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], relu: bool,
+                        stride: List[int], padding: List[int], dilation: List[int],
+                        groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _cudnn_norm_conv_impl(x, weight, scale, shift, relu, stride, padding, dilation, groups)
+
+
+CUDNN_NORM_CONV = None  # registered with fastres._C's operators (register_compiled_ops)
+
+
 # ---------------------------------------------------------------- batch norm + residual + ReLU
 #
 # Both fast backends provide the same five operators with the same schemas: the Triton ones
-# below (fastres::triton_*) and the compiled ones of fastres._C (fastres::batch_norm_stats, ...,
+# below (fastres::triton_*) and the compiled ones of fastres._C (fastres::batch_norm_act_stats, ...,
 # defined in csrc/registration.cpp). Their fake implementations and autograd formulas are
 # registered here once for both.
 #
@@ -173,39 +274,39 @@ def _scale_shift(weight, bias, mean, invstd):
     return scale, shift + bias.float() if bias is not None else shift
 
 
-@torch.library.custom_op(f"{LIB}::triton_batch_norm_stats", mutates_args=("running_mean", "running_var"))
-def triton_batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+@torch.library.custom_op(f"{LIB}::triton_batch_norm_act_stats", mutates_args=("running_mean", "running_var"))
+def triton_batch_norm_act_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                             momentum: float, eps: float) -> tuple[Tensor, Tensor]:
     """(mean, invstd) of the batch in fp32; updates the running buffers in place (no host sync)."""
-    _, bn, _ = _kernels()
+    bn = _kernel("batch_norm")
     x = x if bn.collapsible(x) else x.contiguous(memory_format=_format_of(x))
-    mean, invstd, _, _ = bn.batch_statistics(x, None, None, running_mean, running_var, momentum, eps)
+    mean, invstd, _, _ = bn.batch_norm_act_stats(x, None, None, running_mean, running_var, momentum, eps)
     return mean, invstd
 
 
-@torch.library.custom_op(f"{LIB}::triton_batch_norm_apply", mutates_args=())
-def triton_batch_norm_apply(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+@torch.library.custom_op(f"{LIB}::triton_batch_norm_act_apply", mutates_args=())
+def triton_batch_norm_act_apply(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                             invstd: Tensor, residual: Optional[Tensor], training: bool, relu: bool) -> Tensor:
     """relu((x - mean) * invstd * weight + bias + residual) in x's dtype and memory format."""
-    _, bn, _ = _kernels()
+    bn = _kernel("batch_norm")
     fmt = _format_of(x)
     x = x if bn.collapsible(x) else x.contiguous(memory_format=fmt)
     if residual is not None and not bn.collapsible(residual):
         residual = residual.contiguous(memory_format=fmt)
     scale, shift = _scale_shift(weight, bias, mean, invstd)
-    return bn.scale_shift_act(x, scale, shift, residual, relu)
+    return bn.batch_norm_act_apply(x, scale, shift, residual, relu)
 
 
-@torch.library.custom_op(f"{LIB}::triton_batch_norm_backward", mutates_args=())
-def triton_batch_norm_backward(grad: Tensor, y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
+@torch.library.custom_op(f"{LIB}::triton_batch_norm_act_backward", mutates_args=())
+def triton_batch_norm_act_backward(grad: Tensor, y: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
                                invstd: Tensor, training: bool, relu: bool, need_residual_grad: bool,
                                need_param_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, bn, _ = _kernels()
+    bn = _kernel("batch_norm")
     scale = invstd * weight.float() if weight is not None else invstd
     fmt = _format_of(x)
     grad = grad if bn.collapsible(grad) else grad.contiguous(memory_format=fmt)
     x = x if bn.collapsible(x) else x.contiguous(memory_format=fmt)
-    dx, dres, dweight, dbias = bn.backward(grad, y, x, mean, invstd, scale, relu=relu, training=training,
+    dx, dres, dweight, dbias = bn.batch_norm_act_backward(grad, y, x, mean, invstd, scale, relu=relu, training=training,
                                            need_dres=need_residual_grad, need_param_grads=need_param_grads)
     # Unused outputs come back as empty tensors: operators cannot return None.
     return dx, dres if dres is not None else x.new_empty(0), dweight, dbias
@@ -213,7 +314,7 @@ def triton_batch_norm_backward(grad: Tensor, y: Tensor, x: Tensor, weight: Optio
 
 @torch.library.custom_op(f"{LIB}::triton_add_relu", mutates_args=())
 def triton_add_relu(x: Tensor, residual: Tensor) -> Tensor:
-    return _kernels()[2].add_relu(x, residual)
+    return _kernel("add_relu").add_relu(x, residual)
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -288,30 +389,53 @@ def _fake_winograd(x, packed_weight, bias, residual, relu, isa="auto"):
 
 def _register_family(prefix: str, relu_backward_op, backward_op) -> None:
     """Fake implementations and autograd for one backend's BN / add+ReLU operators."""
-    for name, fake in (("batch_norm_stats", _fake_stats), ("batch_norm_apply", _fake_apply),
-                       ("batch_norm_backward", _fake_backward), ("add_relu", _fake_add_relu),
+    for name, fake in (("batch_norm_act_stats", _fake_stats), ("batch_norm_act_apply", _fake_apply),
+                       ("batch_norm_act_backward", _fake_backward), ("add_relu", _fake_add_relu),
                        ("relu_backward", _fake_relu_backward)):
         if prefix == "triton_" and name == "relu_backward":
             continue  # registered with its definition above
         torch.library.register_fake(f"{LIB}::{prefix}{name}", fake)
-    torch.library.register_autograd(f"{LIB}::{prefix}batch_norm_apply", _bn_backward_using(backward_op),
+    torch.library.register_autograd(f"{LIB}::{prefix}batch_norm_act_apply", _bn_backward_using(backward_op),
                                     setup_context=_bn_setup)
     torch.library.register_autograd(f"{LIB}::{prefix}add_relu", _add_relu_backward_using(relu_backward_op),
                                     setup_context=_add_relu_setup)
 
 
-_register_family("triton_", triton_relu_backward, triton_batch_norm_backward)
-TRITON_BN = (triton_batch_norm_stats, triton_batch_norm_apply)
+_register_family("triton_", triton_relu_backward, triton_batch_norm_act_backward)
+TRITON_BN = (triton_batch_norm_act_stats, triton_batch_norm_act_apply)
 COMPILED_BN = None  # (stats, apply) of fastres._C, once it is loaded
 
 
 def register_compiled_ops() -> None:
     """Called once fastres._C has loaded: give its operators fake implementations and autograd."""
-    global COMPILED_BN
+    global COMPILED_BN, CUDNN_NORM_CONV
     ops = torch.ops.fastres
-    _register_family("", ops.relu_backward, ops.batch_norm_backward)
+    _register_family("", ops.relu_backward, ops.batch_norm_act_backward)
     torch.library.register_fake(f"{LIB}::conv3x3_winograd", _fake_winograd)  # inference only: no autograd
-    COMPILED_BN = (ops.batch_norm_stats, ops.batch_norm_apply)
+    COMPILED_BN = (ops.batch_norm_act_stats, ops.batch_norm_act_apply)
+    # cuDNN graphs (csrc/cuda/cudnn_graphs.cpp): inference / statistics ops, no autograd formula
+    # (the dispatch covers them only without autograd). The `_supported` twins ask cuDNN, which no
+    # fake tensor can answer: they have no fake implementation (call them outside tracing).
+    torch.library.register_fake(f"{LIB}::cudnn_conv_bias_act", _fake_cudnn_conv_bias_act)
+    torch.library.register_fake(f"{LIB}::cudnn_conv_genstats", _fake_cudnn_conv_genstats)
+    torch.library.register_fake(f"{LIB}::batch_norm_finalize", _fake_batch_norm_finalize)
+    if CUDNN_NORM_CONV is None:
+        CUDNN_NORM_CONV = _register_cudnn_norm_conv()
+
+
+def _fake_cudnn_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    return _empty_like_format(x, _conv_shape(x, weight, stride, padding, dilation))
+
+
+def _fake_cudnn_conv_genstats(x, weight, scale, shift, prologue_relu, stride, padding, dilation, groups):
+    y = _empty_like_format(x, _conv_shape(x, weight, stride, padding, dilation))
+    stats = x.new_empty((weight.shape[0],), dtype=torch.float32)
+    return y, stats, torch.empty_like(stats)
+
+
+def _fake_batch_norm_finalize(sum, sqsum, count, weight, bias, running_mean, running_var, momentum, eps):
+    dtype = torch.float64 if sum.dtype == torch.float64 else torch.float32
+    return tuple(sum.new_empty(sum.shape, dtype=dtype) for _ in range(4))
 
 
 def batch_norm_act(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu, *,

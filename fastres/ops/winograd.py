@@ -4,10 +4,10 @@ csrc/cpu/winograd.cpp, its kernel csrc/cpu/winograd_kernel.h).
 oneDNN's direct convolution runs near the CPU's fp32 peak with AVX-512 (and below it with AVX2), so
 the 3x3 convolutions (most of a ResNet's FLOPs after the 1x1s) get faster only with fewer multiplies:
 - F(4x4, 3x3), 4x fewer, where the image is a whole number of 4x4 tiles (ResNet-50's 56x56 and
-  28x28 stages, on AVX-512: measured 4.8 and 4.0 ms per conv against 6.4 and 5.5 with F(2x2)). Its rounding
-  error is ~20x the direct sum's, still ~5e-6 relative at 256 input channels;
+  28x28 stages; timings in benchmarks/results/cpu-winograd.md). Its rounding error is ~20x the
+  direct sum's, still ~5e-6 relative at 256 input channels;
 - F(2x2, 3x3), 2.25x fewer, elsewhere: only additions in its transforms, so results stay within
-  a few ulps of the direct sum (measured ~4e-7 relative).
+  a few ulps of the direct sum (tests/test_winograd.py bounds both errors).
 Used by the CPU fast path (onednn.py) for channels_last float32 inference on x86-64 CPUs with
 AVX-512 or AVX2 + FMA: the kernel is compiled for both, and runs on the instruction set torch's own
 CPU kernels use (`torch.backends.cpu.get_cpu_capability()`, which ATEN_CPU_CAPABILITY=avx2 lowers).
@@ -39,7 +39,7 @@ _available = None
 
 
 def _cpu_capability() -> str:
-    return getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    return torch.backends.cpu.get_cpu_capability()
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,19 +76,27 @@ def available() -> bool:
     return _available
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
-    """A 3x3, stride 1, padding 1 convolution the kernel covers (x already checked channels_last fp32)
-    with enough 2x2 tiles per thread to pay for reading the transformed weights (16/9 of the
-    weights' size) from memory. Measured in ResNet-50 at batch 8 on 2 cores, 7x7x512 (64 tiles per
-    thread): AVX-512 (Zen 4) 10 ms against oneDNN's 7.3 ms, AVX2 (Zen 3) 9.6 ms against 11.9 ms;
-    14x14x256 (196 per thread) on AVX-512: 4.3 ms against 7.7 ms. AVX2, one conv alone: 7x7x512 at
-    16 tiles per thread 4.5 ms against 4.6 ms (even), at 8 per thread 3.1 ms against 2.2 ms."""
+def covers(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups, tile: int = 2) -> bool:
+    """A 3x3, stride 1, padding 1 convolution the kernel computes (x already checked channels_last fp32);
+    F(4x4) also needs H and W to be multiples of 4 (whole tiles) and FASTRES_WINOGRAD != "2"."""
     if not (tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
             and tuple(dilation) == (1, 1) and groups == 1 and x.shape[1] % 16 == 0
             and weight.shape[0] % PANEL == 0 and available()):
         return False
+    return tile == 2 or tile_size(x) == 4
+
+
+def enough_tiles(x: torch.Tensor) -> bool:
+    """The static rule (used where auto does not measure): enough 2x2 tiles per thread to pay for
+    reading the transformed weights (16/9 of the weights' size) from memory. The thresholds were
+    measured in ResNet-50 at batch 8 on 2 cores (benchmarks/results/cpu-resnet50-bs8.md)."""
     n, _, h, w = x.shape
     return n * ((h + 1) // 2) * ((w + 1) // 2) >= MIN_TILES_PER_THREAD[isa()] * torch.get_num_threads()
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
+    """covers() and enough_tiles(): the static rule for taking Winograd."""
+    return covers(x, weight, stride, padding, dilation, groups) and enough_tiles(x)
 
 
 def tile_size(x: torch.Tensor) -> int:

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...layout import memory_format_of
+
 
 @triton.jit
 def add_relu_kernel(x_ptr, r_ptr, y_ptr, n, BLOCK: tl.constexpr):
@@ -35,14 +37,8 @@ def _block(t: torch.Tensor) -> int:
     return 4096 if t.device.type == "cpu" else 1024
 
 
-def _format(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    fmt = _format(x)
+    fmt = memory_format_of(x)
     x, residual = x.contiguous(memory_format=fmt), residual.contiguous(memory_format=fmt)
     y = torch.empty_like(x, memory_format=fmt)
     n = x.numel()
@@ -53,7 +49,7 @@ def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
 
 def relu_backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """dy masked by y > 0, in y's memory format."""
-    fmt = _format(y)
+    fmt = memory_format_of(y)
     dy = dy.contiguous(memory_format=fmt)
     dx = torch.empty_like(y, memory_format=fmt)
     n = y.numel()

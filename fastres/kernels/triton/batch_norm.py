@@ -6,8 +6,9 @@ channels_last alike. Statistics: each program reduces a fixed chunk of rows to
 merges the chunks in a fixed order (so results are bitwise reproducible, no atomics),
 then writes mean, 1/std, the affine scale/shift and the running statistics, all on the
 device with no host synchronisation. Apply: y = relu(x * scale + shift + residual).
-Backward: one reduction (sum g, sum g*xhat with g = dy masked by y > 0) and one apply
-(dx, and d residual = g). fp32 math whatever the storage dtype.
+Backward: one reduction (sum g, sum g*xhat with g = dy masked by y > 0), one small finalize
+that merges those partials once, and one apply (dx, and d residual = g) reading per-channel sums.
+fp32 math whatever the storage dtype.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...layout import memory_format_of
+
 
 @triton.jit
 def _row_offsets(rows, L, sxn, sxl):
@@ -25,8 +28,17 @@ def _row_offsets(rows, L, sxn, sxl):
 
 
 @triton.jit
-def bn_partial_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, L, sxn, sxc, sxl, rows_per_program,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _chan_merge(count, mean, m2, n_b, mean_b, m2_b):
+    """Chan et al.: merge the (count, mean, M2) of a block into the running triple (counts are whole numbers)."""
+    total = count + n_b
+    safe = tl.maximum(total, 1.0)
+    delta = mean_b - mean
+    return total, mean + delta * (n_b / safe), m2 + m2_b + delta * delta * (count * n_b / safe)
+
+
+@triton.jit
+def batch_norm_act_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, L, sxn, sxc, sxl, rows_per_program,
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     chunk = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cols < C
@@ -44,13 +56,7 @@ def bn_partial_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, L, sxn, sx
         mean_b = tl.sum(x, axis=0) / tl.maximum(n_b, 1.0)
         dev = tl.where(mask, x - mean_b[None, :], 0.0)
         m2_b = tl.sum(dev * dev, axis=0)
-        # Chan et al.: merge (count, mean, M2) of the block into the running triple.
-        total = count + n_b
-        safe = tl.maximum(total, 1.0)
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / safe)
-        m2 = m2 + m2_b + delta * delta * (count * n_b / safe)
-        count = total
+        count, mean, m2 = _chan_merge(count, mean, m2, n_b, mean_b, m2_b)
     out = chunk * C + cols
     tl.store(count_ptr + out, count, mask=c_ok)
     tl.store(mean_ptr + out, mean, mask=c_ok)
@@ -58,10 +64,10 @@ def bn_partial_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, R, C, L, sxn, sx
 
 
 @triton.jit
-def bn_finalize_kernel(count_ptr, pmean_ptr, pm2_ptr, chunks, C, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
-                       mean_ptr, invstd_ptr, scale_ptr, shift_ptr, momentum, eps,
-                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+def batch_norm_act_finalize_kernel(count_ptr, pmean_ptr, pm2_ptr, chunks, C, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
+                                   mean_ptr, invstd_ptr, scale_ptr, shift_ptr, momentum, eps,
+                                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+                                   BLOCK_C: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cols < C
     count = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -71,12 +77,7 @@ def bn_finalize_kernel(count_ptr, pmean_ptr, pm2_ptr, chunks, C, weight_ptr, bia
         n_b = tl.load(count_ptr + chunk * C + cols, mask=c_ok, other=0.0)
         mean_b = tl.load(pmean_ptr + chunk * C + cols, mask=c_ok, other=0.0)
         m2_b = tl.load(pm2_ptr + chunk * C + cols, mask=c_ok, other=0.0)
-        total = count + n_b
-        safe = tl.where(total > 0, total, 1.0)
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / safe)
-        m2 = m2 + m2_b + delta * delta * (count * n_b / safe)
-        count = total
+        count, mean, m2 = _chan_merge(count, mean, m2, n_b, mean_b, m2_b)
     invstd = 1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)
     scale = invstd
     if HAS_WEIGHT:
@@ -99,9 +100,10 @@ def bn_finalize_kernel(count_ptr, pmean_ptr, pm2_ptr, chunks, C, weight_ptr, bia
 
 
 @triton.jit
-def bn_apply_kernel(x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, R, C, L,
-                    sxn, sxc, sxl, srn, src, srl, syn, syc, syl,
-                    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def batch_norm_act_apply_kernel(x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, R, C, L,
+                                sxn, sxc, sxl, srn, src, srl, syn, syc, syl,
+                                HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cols < C
@@ -121,9 +123,9 @@ def bn_apply_kernel(x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, R, C, L,
 
 
 @triton.jit
-def bn_backward_reduce_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr, R, C, L,
-                              sdn, sdc, sdl, syn, syc, syl, sxn, sxc, sxl, rows_per_program,
-                              RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def batch_norm_act_backward_reduce_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr, R, C, L,
+                                          sdn, sdc, sdl, syn, syc, syl, sxn, sxc, sxl, rows_per_program,
+                                          RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     chunk = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cols < C
@@ -151,26 +153,17 @@ def bn_backward_reduce_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, psum_p
 
 
 @triton.jit
-def bn_backward_apply_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, scale_ptr, psum_ptr, psumx_ptr, chunks,
-                             dx_ptr, dres_ptr, dweight_ptr, dbias_ptr, R, C, L,
-                             sdn, sdc, sdl, syn, syc, syl, sxn, sxc, sxl, son, soc, sol,
-                             RELU: tl.constexpr, TRAINING: tl.constexpr, WRITE_DRES: tl.constexpr,
-                             WRITE_PARAM_GRADS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def batch_norm_act_backward_apply_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, scale_ptr, sum_g_ptr, sum_gx_ptr,
+                                         dx_ptr, dres_ptr, R, C, L,
+                                         sdn, sdc, sdl, syn, syc, syl, sxn, sxc, sxl, son, soc, sol,
+                                         RELU: tl.constexpr, TRAINING: tl.constexpr, WRITE_DRES: tl.constexpr,
+                                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx (and d residual) from per-channel sums finalized once by batch_norm_act_backward_finalize_kernel."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cols < C
     mask = (rows < R)[:, None] & c_ok[None, :]
     cols64 = cols.to(tl.int64)[None, :]
-    # Every program merges the per-chunk sums in the same fixed order (cheap: chunks x BLOCK_C).
-    sum_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for chunk in range(0, chunks):
-        sum_g += tl.load(psum_ptr + chunk * C + cols, mask=c_ok, other=0.0)
-        sum_gx += tl.load(psumx_ptr + chunk * C + cols, mask=c_ok, other=0.0)
-    if WRITE_PARAM_GRADS:
-        if tl.program_id(0) == 0:
-            tl.store(dweight_ptr + cols, sum_gx, mask=c_ok)
-            tl.store(dbias_ptr + cols, sum_g, mask=c_ok)
     g = tl.load(dy_ptr + _row_offsets(rows, L, sdn, sdl)[:, None] + cols64 * sdc, mask=mask,
                 other=0.0).to(tl.float32)
     if RELU:
@@ -186,10 +179,27 @@ def bn_backward_apply_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, scale_p
         x = tl.load(x_ptr + _row_offsets(rows, L, sxn, sxl)[:, None] + cols64 * sxc, mask=mask,
                     other=0.0).to(tl.float32)
         xhat = (x - mean[None, :]) * invstd[None, :]
+        sum_g = tl.load(sum_g_ptr + cols, mask=c_ok, other=0.0)
+        sum_gx = tl.load(sum_gx_ptr + cols, mask=c_ok, other=0.0)
         dx = scale * (g - (sum_g / R)[None, :] - xhat * (sum_gx / R)[None, :])
     else:
         dx = scale * g
     tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def batch_norm_act_backward_finalize_kernel(psum_ptr, psumx_ptr, chunks, C, sum_g_ptr, sum_gx_ptr,
+                                            BLOCK_C: tl.constexpr):
+    """Merge the per-chunk sums once, in a fixed order (deterministic): d bias = sum g, d weight = sum g*xhat."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    sum_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for chunk in range(0, chunks):
+        sum_g += tl.load(psum_ptr + chunk * C + cols, mask=c_ok, other=0.0)
+        sum_gx += tl.load(psumx_ptr + chunk * C + cols, mask=c_ok, other=0.0)
+    tl.store(sum_g_ptr + cols, sum_g, mask=c_ok)
+    tl.store(sum_gx_ptr + cols, sum_gx, mask=c_ok)
 
 
 # ---------------------------------------------------------------- launchers
@@ -223,11 +233,10 @@ def _chunking(rows: int, block_r: int, channel_tiles: int, interpret: bool):
 
 
 def _like(t: torch.Tensor) -> torch.Tensor:
-    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.empty_like(t, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.empty_like(t, memory_format=memory_format_of(t))
 
 
-def batch_statistics(x: torch.Tensor, weight, bias, running_mean, running_var, momentum: float, eps: float):
+def batch_norm_act_stats(x: torch.Tensor, weight, bias, running_mean, running_var, momentum: float, eps: float):
     """(mean, invstd, scale, shift) in fp32 from the batch; updates the running buffers in place."""
     (n, c, l), (sxn, sxc, sxl) = _view3(x)
     rows = n * l
@@ -237,12 +246,12 @@ def batch_statistics(x: torch.Tensor, weight, bias, running_mean, running_var, m
     rows_per_program, chunks = _chunking(rows, block_r, channel_tiles, interpret)
     f32 = dict(device=x.device, dtype=torch.float32)
     count, pmean, pm2 = (torch.empty(chunks, c, **f32) for _ in range(3))
-    bn_partial_stats_kernel[(chunks, channel_tiles)](x, count, pmean, pm2, rows, c, l, sxn, sxc, sxl,
-                                                      rows_per_program, BLOCK_R=block_r, BLOCK_C=block_c)
+    batch_norm_act_stats_kernel[(chunks, channel_tiles)](x, count, pmean, pm2, rows, c, l, sxn, sxc, sxl,
+                                                         rows_per_program, BLOCK_R=block_r, BLOCK_C=block_c)
     mean, invstd, scale, shift = (torch.empty(c, **f32) for _ in range(4))
     dummy = mean
     update = running_mean is not None
-    bn_finalize_kernel[(channel_tiles,)](
+    batch_norm_act_finalize_kernel[(channel_tiles,)](
         count, pmean, pm2, chunks, c, weight if weight is not None else dummy, bias if bias is not None else dummy,
         running_mean if update else dummy, running_var if update else dummy, mean, invstd, scale, shift,
         float(momentum), float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -250,8 +259,8 @@ def batch_statistics(x: torch.Tensor, weight, bias, running_mean, running_var, m
     return mean, invstd, scale, shift
 
 
-def scale_shift_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor],
-                    relu: bool) -> torch.Tensor:
+def batch_norm_act_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor],
+                         relu: bool) -> torch.Tensor:
     """relu(x * scale[c] + shift[c] + residual), output in x's dtype and memory format."""
     y = _like(x)
     (n, c, l), xs = _view3(x)
@@ -259,13 +268,15 @@ def scale_shift_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, r
     rs = _view3(residual)[1] if residual is not None else ys
     block_r, block_c = _tiles(n * l, c, x.device.type == "cpu")
     grid = (triton.cdiv(n * l, block_r), triton.cdiv(c, block_c))
-    bn_apply_kernel[grid](x, scale, shift, residual if residual is not None else y, y, n * l, c, l, *xs, *rs, *ys,
-                          HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_R=block_r, BLOCK_C=block_c)
+    batch_norm_act_apply_kernel[grid](x, scale, shift, residual if residual is not None else y, y, n * l, c, l,
+                                      *xs, *rs, *ys, HAS_RESIDUAL=residual is not None, RELU=relu,
+                                      BLOCK_R=block_r, BLOCK_C=block_c)
     return y
 
 
-def backward(dy: torch.Tensor, y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
-             scale: torch.Tensor, *, relu: bool, training: bool, need_dres: bool, need_param_grads: bool):
+def batch_norm_act_backward(dy: torch.Tensor, y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
+                            invstd: torch.Tensor, scale: torch.Tensor, *, relu: bool, training: bool,
+                            need_dres: bool, need_param_grads: bool):
     """(dx, d residual or None, d weight, d bias) of y = relu(bn(x) + residual)."""
     (n, c, l), xs = _view3(x)
     rows = n * l
@@ -276,19 +287,20 @@ def backward(dy: torch.Tensor, y: torch.Tensor, x: torch.Tensor, mean: torch.Ten
     need_sums = training or need_param_grads
     f32 = dict(device=x.device, dtype=torch.float32)
     psum, psumx = torch.zeros(chunks, c, **f32), torch.zeros(chunks, c, **f32)
+    dweight, dbias = torch.zeros(c, **f32), torch.zeros(c, **f32)
     ds, ys = _view3(dy)[1], _view3(y)[1]
     if need_sums:
-        bn_backward_reduce_kernel[(chunks, channel_tiles)](
+        batch_norm_act_backward_reduce_kernel[(chunks, channel_tiles)](
             dy, y, x, mean, invstd, psum, psumx, rows, c, l, *ds, *ys, *xs, rows_per_program,
             RELU=relu, BLOCK_R=block_r, BLOCK_C=block_c)
+        batch_norm_act_backward_finalize_kernel[(triton.cdiv(c, 64),)](psum, psumx, chunks, c, dbias, dweight,
+                                                                       BLOCK_C=64)
     dx = _like(x)
     dres = _like(x) if need_dres else None
-    dweight, dbias = torch.empty(c, **f32), torch.empty(c, **f32)
     os_ = _view3(dx)[1]
     grid = (triton.cdiv(rows, block_r), channel_tiles)
-    bn_backward_apply_kernel[grid](
-        dy, y, x, mean, invstd, scale, psum, psumx, chunks if need_sums else 0, dx,
-        dres if dres is not None else dx, dweight, dbias, rows, c, l, *ds, *ys, *xs, *os_,
-        RELU=relu, TRAINING=training, WRITE_DRES=need_dres, WRITE_PARAM_GRADS=need_param_grads,
-        BLOCK_R=block_r, BLOCK_C=block_c)
+    batch_norm_act_backward_apply_kernel[grid](
+        dy, y, x, mean, invstd, scale, dbias, dweight, dx,
+        dres if dres is not None else dx, rows, c, l, *ds, *ys, *xs, *os_,
+        RELU=relu, TRAINING=training, WRITE_DRES=need_dres, BLOCK_R=block_r, BLOCK_C=block_c)
     return dx, dres, dweight, dbias

@@ -1,0 +1,306 @@
+"""norm_conv (NormConv training): conv of relu?(x * scale + shift) emitting y's batch statistics.
+
+The Triton implementation (PROLOGUE / STATS switches of the one conv kernel) runs in Triton's
+interpreter here (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU), against the float64
+reference (backend "torch" on float64 copies): outputs, every gradient (x, weight, scale, shift,
+through mean and invstd too), running buffers over several steps (momentum and momentum=None),
+NaN propagation, registration (opcheck, fake tensors), the dispatch's coverage, the ResNet chain
+against torchvision and torch.compile. Shapes stay tiny: every interpreted program costs ms.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torchvision
+
+import fastres
+from fastres.nn import bn_prologue, conv_bn_stats
+from fastres.ops import dispatch, registry
+
+from helpers import LAYOUTS, randn
+from reference_math import assert_close
+
+triton_only = pytest.mark.skipif("triton" not in fastres.available_backends(),
+                                 reason="the Triton backend is not available here")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_randn = functools.partial(randn, device=DEVICE)
+
+
+CASES = [  # (N, C, H, W, K, kernel, stride, padding, groups, prologue, relu)
+    (3, 13, 7, 7, 24, 3, 1, 1, 1, True, True),
+    (1, 16, 13, 17, 20, 1, 1, 0, 1, False, False),
+    (3, 20, 13, 17, 24, 3, 2, 1, 1, True, True),
+    (1, 24, 7, 7, 12, 3, 1, 1, 4, True, False),
+    (1, 3, 15, 17, 16, 7, 2, 3, 1, True, True),  # the stem's packed-K path
+    (3, 24, 5, 7, 40, 1, 1, 0, 1, True, True),  # 1x1 stride 1: the [N*H*W, C] operand
+]
+
+
+def _case(case, dtype, layout):
+    n, c, h, w, k, ks, stride, pad, groups, prologue, relu = case
+    x = _randn(n, c, h, w, dtype=dtype, layout=layout, seed=1, scale=2.0, shift=0.3)
+    weight = _randn(k, c // groups, ks, ks, dtype=dtype, seed=2, scale=(c // groups * ks * ks) ** -0.5)
+    scale = _randn(c, seed=3, scale=0.3, shift=0.8) if prologue else None
+    shift = _randn(c, seed=4, scale=0.5) if prologue else None
+    rm, rv = _randn(k, seed=5, scale=0.1), _randn(k, seed=6).abs() + 0.5
+    return x, weight, scale, shift, rm, rv, dict(stride=stride, padding=pad, groups=groups, relu=relu)
+
+
+def _run(backend, x, weight, scale, shift, rm, rv, kw, momentum=0.3):
+    """(y, mean, invstd, grads of x/weight/scale/shift) for a loss reading all three outputs."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, scale, shift)]
+    with fastres.use_backend(backend):
+        y, mean, invstd = fastres.ops.norm_conv(leaves[0], leaves[1], kw["stride"], kw["padding"], 1, kw["groups"],
+                                                scale=leaves[2], shift=leaves[3], relu=kw["relu"], running_mean=rm,
+                                                running_var=rv, momentum=momentum)
+    g = torch.Generator().manual_seed(9)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE) for t in (y, mean, invstd)]
+    sum((t.double() * w).sum() for t, w in zip((y, mean, invstd), weights)).backward()
+    return [y, mean, invstd] + [t.grad if t is not None else None for t in leaves]
+
+
+@triton_only
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:9])) + ("p" if c[9] else "") +
+                         ("r" if c[10] else ""))
+def test_triton_matches_float64(case, dtype, layout):
+    x, weight, scale, shift, rm, rv, kw = _case(case, dtype, layout)
+    buffers = rm.clone(), rv.clone()
+    got = _run("triton", x, weight, scale, shift, *buffers, kw)
+    ref_buffers = rm.double(), rv.double()
+    ref = _run("torch", *(t.double() if t is not None else None for t in (x, weight, scale, shift)),
+               *ref_buffers, kw)
+    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=LAYOUTS[layout])
+    assert got[1].dtype == got[2].dtype == torch.float32
+    names = ["y", "mean", "invstd", "grad x", "grad weight", "grad scale", "grad shift"]
+    for name, a, b in zip(names, got, ref):
+        if b is not None:
+            assert_close(a, b, dtype, name)
+    assert_close(buffers[0], ref_buffers[0], dtype, "running_mean")  # statistics of y as stored in dtype
+    assert_close(buffers[1], ref_buffers[1], dtype, "running_var")
+
+
+@triton_only
+def test_every_config_and_bitwise_repeatable():
+    """Every configuration auto may time (the interpreter's list forces a split-K one) gives the same
+    statistics, and a configuration run twice gives the same bits (fixed merge order, no atomics)."""
+    from fastres.kernels.triton import conv
+    x, weight, scale, shift, _, _, kw = _case(CASES[2], torch.float32, "channels_last")
+    expected = _run("torch", x.double(), weight.double(), scale.double(), shift.double(), None, None, kw)
+    configs = conv.configs(x, weight, (2, 2), (1, 1), (1, 1), 1)
+    assert len(configs) >= 3 and any(conv.Config.parse(c).split_k > 1 for c in configs[1:])
+    for config in configs:
+        first = registry.triton_norm_conv(x, weight, scale, shift, True, [2, 2], [1, 1], [1, 1], 1, config)
+        again = registry.triton_norm_conv(x, weight, scale, shift, True, [2, 2], [1, 1], [1, 1], 1, config)
+        assert all(torch.equal(a, b) for a, b in zip(first, again)), config
+        assert_close(first[0], expected[0], torch.float32, f"y [{config}]")
+        assert_close(first[1], expected[1], torch.float32, f"mean [{config}]")
+        assert_close(first[2], expected[0].var((0, 2, 3), unbiased=False), torch.float32, f"var [{config}]")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_only)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_buffers_over_steps_match_batchnorm2d(backend, momentum):
+    """Three training steps through the module-level helper: running mean/var and num_batches_tracked
+    exactly as nn.BatchNorm2d after the same conv (float64 reference), momentum=None included."""
+    conv = torch.nn.Conv2d(13, 24, 3, padding=1, bias=False).to(DEVICE)
+    bn = torch.nn.BatchNorm2d(24, momentum=momentum).to(DEVICE).train()
+    ref_conv, ref_bn = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    for step in range(3):
+        x = _randn(3, 13, 7, 9, seed=10 + step, scale=2.0, shift=0.5, layout="channels_last")
+        with fastres.use_backend(backend):
+            y, mean, invstd = conv_bn_stats(conv, bn, x)
+        expected = ref_bn(ref_conv(x.double()))
+        yd = ref_conv(x.double())
+        assert_close(mean, yd.mean((0, 2, 3)), torch.float32, "mean")
+        assert_close(invstd, (yd.var((0, 2, 3), unbiased=False) + bn.eps).rsqrt(), torch.float32, "invstd")
+        assert_close(bn_prologue(bn, mean, invstd, relu=False)[0].reshape(1, -1, 1, 1) * y
+                     + bn_prologue(bn, mean, invstd, relu=False)[1].reshape(1, -1, 1, 1), expected.detach(),
+                     torch.float32, "normalised")
+    assert_close(bn.running_mean, ref_bn.running_mean, torch.float32, "running_mean")
+    assert_close(bn.running_var, ref_bn.running_var, torch.float32, "running_var")
+    assert int(bn.num_batches_tracked) == int(ref_bn.num_batches_tracked) == 3
+
+
+@triton_only
+def test_nan_propagates_like_the_reference():
+    x, weight, scale, shift, _, _, kw = _case(CASES[0], torch.float32, "channels_last")
+    x = x.clone()
+    x[1, 4, 3, 3] = float("nan")
+    with torch.no_grad():
+        got = registry.triton_norm_conv(x, weight, scale, shift, True, [1, 1], [1, 1], [1, 1], 1)
+        with fastres.use_backend("torch"):
+            y, mean, invstd = fastres.ops.norm_conv(x.double(), weight.double(), 1, 1, scale=scale.double(),
+                                                    shift=shift.double(), relu=True)
+    assert torch.isnan(y).any() and torch.isnan(mean).all()
+    assert torch.equal(torch.isnan(got[0]), torch.isnan(y))
+    assert torch.equal(torch.isnan(got[1]), torch.isnan(mean)) and torch.equal(torch.isnan(got[2]),
+                                                                              torch.isnan(invstd))
+
+
+@triton_only
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_registration_opcheck_and_fake(layout):
+    x = _randn(2, 8, 5, 7, seed=1, layout=layout)
+    w, s, t = _randn(6, 8, 3, 3, seed=2, scale=0.2), _randn(8, seed=3).abs() + 0.5, _randn(8, seed=4)
+    torch.library.opcheck(registry.triton_norm_conv, (x, w, s, t, True, [1, 1], [1, 1], [1, 1], 1))
+    torch.library.opcheck(registry.triton_norm_conv, (x, w, None, None, False, [2, 2], [0, 0], [1, 1], 1))
+    meta = torch.empty(3, 8, 13, 17, device="meta").contiguous(memory_format=LAYOUTS[layout])
+    y, mean, var = registry.triton_norm_conv(meta, torch.empty(6, 8, 3, 3, device="meta"), None, None, False,
+                                             [2, 2], [1, 1], [1, 1], 1)
+    assert y.shape == (3, 6, 7, 9) and y.is_contiguous(memory_format=LAYOUTS[layout])
+    assert mean.shape == var.shape == (6,) and mean.dtype == torch.float32
+
+
+def test_argument_checks():
+    x, w = torch.randn(2, 8, 5, 7), torch.randn(6, 8, 3, 3)
+    with pytest.raises(ValueError, match="together"):
+        fastres.ops.norm_conv(x, w, scale=torch.ones(8))
+    with pytest.raises(ValueError, match="prologue"):
+        fastres.ops.norm_conv(x, w, relu=True)
+    with pytest.raises(ValueError, match="8 elements"):
+        fastres.ops.norm_conv(x, w, scale=torch.ones(6), shift=torch.ones(6))
+    with pytest.raises(ValueError, match="one value per channel"):
+        fastres.ops.norm_conv(torch.randn(1, 8, 3, 3), w)
+
+
+def test_coverage_and_the_default_cpu_path():
+    """reference everywhere; triton wherever its kernels run; cudnn_graph on CUDA only. On the CPU the
+    default backend takes no fast norm_conv, so the ResNet blocks keep their phase-A training path."""
+    x, w = torch.randn(2, 8, 5, 7), torch.randn(6, 8, 3, 3)
+    args = dict(x=x, weight=w, scale=None, shift=None, relu=False, stride=(1, 1), padding=(1, 1),
+                dilation=(1, 1), groups=1, running_mean=None, running_var=None, momentum=0.1, eps=1e-5)
+    coverage = dispatch.coverage(dispatch.Call("norm_conv", args))
+    assert coverage["reference"] is None and coverage["cudnn_graph"] is not None
+    with fastres.use_backend("torch"):
+        assert not dispatch.fast_path_covers("norm_conv", args)
+    with fastres.use_backend("auto"):
+        assert not dispatch.fast_path_covers("norm_conv", args)  # CPU: Triton only when asked for by name
+    if "triton" in fastres.available_backends():
+        with fastres.use_backend("triton"):
+            assert dispatch.fast_path_covers("norm_conv", args)
+
+
+def test_cpu_default_training_step_never_calls_norm_conv(monkeypatch):
+    called = []
+    original = dispatch.dispatch
+    monkeypatch.setattr(dispatch, "dispatch", lambda op, args: called.append(op) or original(op, args))
+    import fastres.ops.functional as functional
+    monkeypatch.setattr(functional, "dispatch", dispatch.dispatch)
+    model = fastres.resnet18(num_classes=3).train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert "norm_conv" not in called and "batch_norm_act" in called
+
+
+# ------------------------------------------------------------------ the ResNet chain
+
+def _train_steps(model, xs):
+    model.train()
+    for x in xs:
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().mean().backward()
+    return out, [p.grad for p in model.parameters()], [b.clone() for b in model.buffers()]
+
+
+def _max_rel(a, b):
+    return (a.double() - b.double()).abs().max().item() / (b.double().abs().max().item() + 1e-12)
+
+
+def _chain_counter(monkeypatch, module, name):
+    """Record, per norm_conv call of the implementation `module.name`, whether it had a prologue."""
+    chained = []
+    original = getattr(module, name)
+
+    def counted(*args):
+        chained.append(args[2] is not None)
+        return original(*args)
+    monkeypatch.setattr(module, name, counted)
+    return chained
+
+
+def _assert_every_block_chained(model, chained, steps, name):
+    blocks = sum(isinstance(m, (fastres.BasicBlock, fastres.Bottleneck)) for m in model.modules())
+    per_block = 3 if name == "resnet50" else 2
+    assert len(chained) == steps * blocks * per_block  # every block took the chain
+    assert sum(chained) == steps * blocks * (per_block - 1)  # all but each block's first conv normalise
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_chain_is_exact_in_float64_over_steps(name, monkeypatch):
+    """The NormConv chain's algebra (prologue scale/shift, statistics' gradients, running buffers,
+    num_batches_tracked) against torchvision, exactly (float64), over three training steps: the chain is
+    forced onto the reference norm_conv (float64 runs no kernel)."""
+    from fastres.ops import reference
+    monkeypatch.setattr(dispatch, "fast_path_covers", lambda op, args: op == "norm_conv")
+    chained = _chain_counter(monkeypatch, reference, "norm_conv")
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, name)(num_classes=5).double()
+    fr = fastres.from_torchvision(tv)
+    xs = [_randn(2, 3, 48, 48, seed=3 + i, dtype=torch.float64) for i in range(3)]
+    ref_out, ref_grads, ref_buffers = _train_steps(tv, xs)
+    with fastres.use_backend("torch"):
+        out, grads, buffers = _train_steps(fr, xs)
+    _assert_every_block_chained(fr, chained, 3, name)
+    assert _max_rel(out, ref_out) <= 1e-10
+    for (pname, _), g, r in zip(fr.named_parameters(), grads, ref_grads):
+        assert _max_rel(g, r) <= 1e-9, f"grad {pname}"
+    for (bname, _), b, r in zip(fr.named_buffers(), buffers, ref_buffers):
+        assert torch.equal(b, r) if b.dtype == torch.int64 else _max_rel(b, r) <= 1e-10, f"buffer {bname}"
+
+
+@triton_only
+def test_resnet18_training_step_on_triton_matches_torchvision(monkeypatch):
+    """The chain on the Triton kernels (interpreter) in fp32, within 10x torchvision fp32's own error
+    against torchvision float64 (BN at random init amplifies rounding), as phase A is held in
+    tests/test_triton_kernels.py."""
+    chained = _chain_counter(monkeypatch, registry, "triton_norm_conv")
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=5).to(DEVICE)
+    fr = fastres.from_torchvision(tv)
+    exact = copy.deepcopy(tv).double()
+    x = _randn(2, 3, 48, 48, seed=3, layout="channels_last")
+    ref_out, ref_grads, ref_buffers = _train_steps(exact, [x.double()])
+    tv_out, tv_grads, _ = _train_steps(tv, [x])
+    with fastres.use_backend("triton"):
+        out, grads, buffers = _train_steps(fr, [x])
+    _assert_every_block_chained(fr, chained, 1, "resnet18")
+    assert _max_rel(out, ref_out) <= 10 * _max_rel(tv_out, ref_out) + 1e-5
+    for (pname, _), g, t, r in zip(fr.named_parameters(), grads, tv_grads, ref_grads):
+        assert _max_rel(g, r) <= 10 * _max_rel(t, r) + 1e-4, f"grad {pname}"
+    for (bname, _), b, r in zip(fr.named_buffers(), buffers, ref_buffers):
+        assert _max_rel(b, r) <= 1e-4, f"buffer {bname}"
+
+
+# ------------------------------------------------------------------ torch.compile
+
+def _chain_step(x, w1, w2, bn_w, bn_b):
+    y1, m1, i1 = fastres.ops.norm_conv(x, w1, 1, 1)
+    scale = i1 * bn_w
+    y2, m2, i2 = fastres.ops.norm_conv(y1, w2, 1, 0, scale=scale, shift=bn_b - m1 * scale, relu=True)
+    return ((y2 - m2.reshape(1, -1, 1, 1)) * i2.reshape(1, -1, 1, 1)).square().mean()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_only)])
+def test_compile_fullgraph_training_step(backend):
+    def leaves():
+        return [_randn(3, 13, 7, 9, seed=1, layout="channels_last").requires_grad_(),
+                _randn(16, 13, 3, 3, seed=2, scale=0.3).requires_grad_(),
+                _randn(8, 16, 1, 1, seed=3, scale=0.3).requires_grad_(),
+                (_randn(16, seed=4).abs() + 0.5).requires_grad_(), _randn(16, seed=5).requires_grad_()]
+    eager, compiled = leaves(), leaves()
+    with fastres.use_backend(backend):
+        expected = _chain_step(*eager)
+        expected.backward()
+        torch._dynamo.reset()
+        got = torch.compile(_chain_step, fullgraph=True, backend="aot_eager")(*compiled)
+        got.backward()
+    assert_close(got.detach(), expected.detach(), torch.float32, "loss")
+    for a, b in zip(compiled, eager):
+        assert_close(a.grad, b.grad, torch.float32, "grad")
