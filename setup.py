@@ -13,6 +13,7 @@ Install with `pip install --no-build-isolation -e .` after torch: the build impo
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
@@ -30,6 +31,17 @@ def _cudart_dirs(cuda_home):
     candidates = [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
     candidates += sorted(glob.glob("/usr/local/cuda*/lib64")) + sorted(glob.glob("/usr/local/cuda*/lib"))
     return [d for d in candidates if os.path.exists(os.path.join(d, "libcudart.so"))][:1]
+
+
+def _nvrtc_library(cuda_home):
+    """(directory, file name) of libnvrtc, which cudnn_frontend calls: the nvidia wheel torch loads
+    first, else the CUDA install's. torch >= 2.12 happens to load it globally at import, torch 2.11 does
+    not ("undefined symbol: nvrtcGetProgramLogSize" at import otherwise)."""
+    candidates = [p for d in _site_dirs()
+                  for p in sorted(glob.glob(os.path.join(d, "nvidia", "*", "lib", "libnvrtc.so*")))]
+    candidates += [p for d in _cudart_dirs(cuda_home) for p in sorted(glob.glob(os.path.join(d, "libnvrtc.so*")))]
+    candidates = [p for p in candidates if re.fullmatch(r"libnvrtc\.so(\.\d+)*", os.path.basename(p))]
+    return (os.path.dirname(candidates[0]), os.path.basename(candidates[0])) if candidates else None
 
 
 def _cuda_include_dirs(cuda_home):
@@ -50,6 +62,9 @@ def _site_dirs():
     import site
     import sysconfig
     dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]] + list(site.getsitepackages())
+    # and PYTHONPATH's: a GPU machine without network gets the cudnn-frontend wheel by
+    # `pip install --target DIR` plus PYTHONPATH=DIR (README, "On a lent GPU")
+    dirs += os.environ.get("PYTHONPATH", "").split(os.pathsep)
     return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
 
 
@@ -109,6 +124,15 @@ def _extensions():
             library_dirs.append(found[1])
             libcudnn = sorted(glob.glob(os.path.join(found[1], "libcudnn.so*")))[0]
             libraries.append(":" + os.path.basename(libcudnn))  # -l:libcudnn.so.9 (wheels ship no .so link)
+            link_flags = link_flags + [f"-Wl,-rpath,{found[1]}"]
+            nvrtc = _nvrtc_library(cpp_extension.CUDA_HOME)
+            if nvrtc is not None:
+                library_dirs.append(nvrtc[0])
+                libraries.append(":" + nvrtc[1])
+                link_flags = link_flags + [f"-Wl,-rpath,{nvrtc[0]}"]
+            else:
+                print("fastres: libnvrtc not found; the cuDNN graphs will need torch to have loaded it",
+                      file=sys.stderr)
             define_macros.append(("FASTRES_WITH_CUDNN_GRAPHS", None))
             cpp_sources = cpp_sources + graph_sources
         else:
