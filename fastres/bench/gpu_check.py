@@ -343,16 +343,20 @@ def stage_tuner(stage: Stage) -> None:
 
     device = stage.device
     size = 32 if stage.dry_run else 224
-    dtype = torch.bfloat16
+    # bf16 autocast on a GPU; on a CPU (a dry run) fp32, where the CPU fast path gives auto a choice
+    # (under autocast only the reference covers a CPU call, and the report would be empty)
+    autocast = device.type == "cuda"
     name = "resnet18" if stage.dry_run else "resnet50"
     model = getattr(fastres, name)().to(device).to(memory_format=torch.channels_last).eval()
     tuner.reset()
     stage.results["model"] = name
+    stage.results["dtype"] = "bf16 (autocast)" if autocast else "fp32"
     for batch in ((2, 1) if stage.dry_run else (256, 1)):
         stage.check()
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
         began = time.monotonic()
-        with fastres.use_backend("auto"), torch.inference_mode(), torch.autocast(device.type, dtype=dtype):
+        with fastres.use_backend("auto"), torch.inference_mode(), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             model(x)
         _sync(device)
         stage.results[f"first_forward_s_batch{batch}"] = round(time.monotonic() - began, 2)
@@ -557,7 +561,8 @@ def markdown(record: dict) -> str:
                          f"{c['status']}{': ' + c['reason'] if c.get('reason') else ''} |")
     tuner_results = record["stages"].get("tuner", {}).get("results", {})
     if tuner_results.get("report"):
-        lines += ["", f"## Tuner choices ({tuner_results.get('model')}, bf16 channels_last)", "",
+        lines += ["", f"## Tuner choices ({tuner_results.get('model')}, {tuner_results.get('dtype', 'bf16')} "
+                      "channels_last)", "",
                   "| op | signature | choice | source | candidates (ms or why not) |", "|---|---|---|---|---|"]
         for e in tuner_results["report"]:
             cands = "; ".join(f"{k}: {v}" for k, v in e["candidates"].items())
