@@ -110,6 +110,8 @@ def norm_conv_chain_applies(pairs, x: torch.Tensor) -> bool:
     default, backend "torch" -- the block keeps its phase-A path unchanged)."""
     if not all(_chain_pair(conv, bn) for conv, bn in pairs):
         return False
+    if x.numel() == 0:  # an empty batch: the module path returns an empty result like torch
+        return False
     conv, bn = pairs[0]
     return _dispatch.fast_path_covers("norm_conv", dict(
         x=x, weight=conv.weight, scale=None, shift=None, relu=False, stride=conv.stride, padding=conv.padding,

@@ -144,7 +144,13 @@ def reference(op: str) -> Implementation:
 
 
 def static_choice(call: Call, candidates: Sequence[Implementation]) -> Implementation:
-    return min(candidates, key=lambda i: (i.rank_for(call), i.name))
+    """The lowest (rank, name). A plain loop: torch 2.11's dynamo cannot trace min(key=lambda)."""
+    best, best_key = None, None
+    for impl in candidates:
+        key = (impl.rank_for(call), impl.name)
+        if best is None or key < best_key:
+            best, best_key = impl, key
+    return best
 
 
 def dispatch(op: str, args: Dict[str, object]) -> torch.Tensor:

@@ -278,7 +278,8 @@ def _triton_norm_conv(call: Call, config: str):
 
 
 def _triton_norm_conv_configs(call: Call):
-    return registry._kernel("conv").configs(call.x, call.weight, call.stride, call.padding, call.dilation, call.groups)
+    return registry._kernel("conv").configs(call.x, call.weight, call.stride, call.padding, call.dilation, call.groups,
+                                            prologue=call.scale is not None)
 
 
 register("norm_conv", "triton", backend="triton", covers=_triton_covers, run=_triton_norm_conv,

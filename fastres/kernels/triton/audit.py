@@ -185,7 +185,7 @@ def plans(call: dict, dtype, config_mode: str):
                     if call["prologue"] else None)
         args = (x, w, None, tuple(call["stride"]), tuple(call["padding"]), tuple(call["dilation"]), call["groups"],
                 None, False)
-        cfgs = conv.configs(*args[:2], *args[3:7])
+        cfgs = conv.configs(*args[:2], *args[3:7], prologue=prologue is not None)
         return [(cfg, conv.plan(*args, config=cfg, prologue=prologue, stats=True)[1])
                 for cfg in (cfgs if config_mode == "all" else [""])]
     if call["op"] == "conv2d_act":

@@ -280,6 +280,7 @@ class Problem:
     taps: int  # R*S
     c2: int  # the second operand's channels (0: none)
     element_size: int
+    prologue: bool = False  # the previous BN's scale/shift (+ ReLU) applied to every loaded x tile
 
     @property
     def packed(self) -> bool:
@@ -329,7 +330,9 @@ def pick_config(problem: Problem, interpret: bool) -> Config:
     block_n = 128 if problem.k_group >= 128 else 64 if problem.k_group >= 64 else 32
     # 128 x 128 at 4 warps holds a 128-register accumulator per thread and spills with the epilogue
     # (sm_90 audit): the large GEMMs take 128 x 64 (or 64 x 128), 4 stages.
-    block_m = 128 if problem.m >= 8192 and block_n <= 64 else 64
+    # With the NormConv prologue (x tile transformed in registers) 128 x 64 at 4 warps spills on
+    # triton 3.6 (255 registers, sm_90 audit): 64-row tiles there.
+    block_m = 128 if problem.m >= 8192 and block_n <= 64 and not problem.prologue else 64
     block_k = problem.block_k_for(64 if problem.element_size <= 2 else 32)
     cfg = Config(block_m, block_n, block_k, 4, 3 if block_m * block_n < 8192 else 4, 1, 8)
     return dataclasses.replace(cfg, split_k=problem.split_for(cfg))
@@ -347,8 +350,11 @@ def configs_for_problem(problem: Problem, interpret: bool) -> List[str]:
         wide = 64 if problem.element_size <= 2 else 32
         # No 128 x 128 / 128 x 256 tiles: at 4 warps they spill (sm_90 audit), and 8-warp configs are
         # left out until checked on a GPU (a flattened-loop conv miscompiled at num_warps >= 8, pytorch 173068).
-        for bm, bn, bk, stages in ((128, 64, wide, 4), (64, 128, wide, 4), (64, 64, wide, 5),
-                                   (128, 64, 32 if wide == 64 else 16, 3), (64, 32, wide, 5)):
+        shapes = [(128, 64, wide, 4), (64, 128, wide, 4), (64, 64, wide, 5),
+                  (128, 64, 32 if wide == 64 else 16, 3), (64, 32, wide, 5)]
+        if problem.prologue:  # 128 x 64 x 64 spills with the prologue (triton 3.6, sm_90 audit)
+            shapes = [t for t in shapes if t[:3] != (128, 64, 64)]
+        for bm, bn, bk, stages in shapes:
             cfg = Config(bm, min(bn, max(32, triton.next_power_of_2(problem.k_group))),
                          problem.block_k_for(bk), 4, stages, 1, 8)
             out.append(dataclasses.replace(cfg, split_k=problem.split_for(cfg)))
@@ -357,19 +363,19 @@ def configs_for_problem(problem: Problem, interpret: bool) -> List[str]:
 
 
 def problem_of(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
-               second_channels: int = 0) -> Problem:
+               second_channels: int = 0, prologue: bool = False) -> Problem:
     n, c, h, w = x.shape
     k, c_group, r, s = weight.shape
     p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return Problem(n * p * q, k // groups, groups, c_group, r * s, second_channels, x.element_size())
+    return Problem(n * p * q, k // groups, groups, c_group, r * s, second_channels, x.element_size(), prologue)
 
 
 def configs(x: torch.Tensor, weight: torch.Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
-            second_channels: int = 0) -> List[str]:
+            second_channels: int = 0, prologue: bool = False) -> List[str]:
     """Config strings for one conv call ("" = the static heuristic); `second_channels` = the bottleneck
-    tail's shortcut input channels."""
-    return configs_for_problem(problem_of(x, weight, stride, padding, dilation, groups, second_channels),
+    tail's shortcut input channels; `prologue`: a NormConv call with the previous BN's scale/shift."""
+    return configs_for_problem(problem_of(x, weight, stride, padding, dilation, groups, second_channels, prologue),
                                x.device.type == "cpu")
 
 
@@ -456,7 +462,8 @@ def plan(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], st
             raise ValueError("statistics of an empty output")
         return y, []
     interpret = x.device.type == "cpu"
-    problem = problem_of(x, weight, stride, padding, dilation, groups, second[0].shape[1] if second else 0)
+    problem = problem_of(x, weight, stride, padding, dilation, groups, second[0].shape[1] if second else 0,
+                         prologue is not None)
     cfg = Config.parse(config) if config else pick_config(problem, interpret)
     if problem.packed and cfg.block_k > 32:
         cfg = dataclasses.replace(cfg, block_k=32)
