@@ -272,6 +272,27 @@ at::Tensor operand(const at::Tensor& t, bool channels_last) {
   return d;
 }
 
+// What both ops do before binding their variant pack: the cached graph for this spec (an error if
+// cuDNN has none: callers ask *_supported first), x and w in the graph's layout, y allocated in it.
+struct Prepared {
+  std::shared_ptr<const Entry> entry;
+  bool input_cl, cl;
+  at::Tensor x, w, y;
+};
+
+Prepared prepare(const char* op, const Spec& spec, const at::Tensor& x_in, const at::Tensor& w_in) {
+  Prepared p;
+  p.input_cl = is_channels_last(x_in);
+  p.entry = lookup(spec, p.input_cl);
+  TORCH_CHECK(p.entry->graph, op, ": cuDNN has no engine for this call (ask ", op, "_supported first): ",
+              p.entry->why);
+  p.cl = p.entry->channels_last;
+  p.x = operand(x_in, p.cl);
+  p.w = operand(w_in, p.cl);
+  p.y = at::empty(spec.y, p.x.options(), p.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  return p;
+}
+
 void execute(const Entry& entry, std::unordered_map<int64_t, void*>& pack, const at::Tensor& like) {
   at::Tensor workspace = at::empty({entry.workspace > 0 ? entry.workspace : 1}, like.options().dtype(at::kByte));
   cudnnHandle_t handle = at::native::getCudnnHandle();
@@ -323,13 +344,11 @@ at::Tensor cudnn_conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in, c
               "dtype, groups 1, bias of K entries, residual of the output's shape)");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Spec spec = bias_act_spec(x_in, w_in, bias, residual, stride, padding, dilation, groups, relu);
-  const bool input_cl = is_channels_last(x_in);
-  const auto entry = lookup(spec, input_cl);
-  TORCH_CHECK(entry->graph, "cudnn_conv_bias_act: cuDNN has no engine for this call (ask "
-              "cudnn_conv_bias_act_supported first): ", entry->why);
-  const bool cl = entry->channels_last;
-  const at::Tensor x = operand(x_in, cl), w = operand(w_in, cl);
-  at::Tensor y = at::empty(spec.y, x.options(), cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  Prepared prepared = prepare("cudnn_conv_bias_act", spec, x_in, w_in);
+  const auto& entry = prepared.entry;
+  const bool input_cl = prepared.input_cl, cl = prepared.cl;
+  const at::Tensor &x = prepared.x, &w = prepared.w;
+  at::Tensor y = prepared.y;
   std::unordered_map<int64_t, void*> pack{{kX, x.data_ptr()}, {kW, w.data_ptr()}, {kY, y.data_ptr()}};
   at::Tensor b, z;
   if (spec.bias) {
@@ -385,13 +404,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_genstats(
               "dtype, groups 1, scale and shift both given or both absent, of C entries)");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Spec spec = genstats_spec(x_in, w_in, scale, prologue_relu, stride, padding, dilation, groups);
-  const bool input_cl = is_channels_last(x_in);
-  const auto entry = lookup(spec, input_cl);
-  TORCH_CHECK(entry->graph, "cudnn_conv_genstats: cuDNN has no engine for this call (ask "
-              "cudnn_conv_genstats_supported first): ", entry->why);
-  const bool cl = entry->channels_last;
-  const at::Tensor x = operand(x_in, cl), w = operand(w_in, cl);
-  at::Tensor y = at::empty(spec.y, x.options(), cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  Prepared prepared = prepare("cudnn_conv_genstats", spec, x_in, w_in);
+  const auto& entry = prepared.entry;
+  const bool input_cl = prepared.input_cl, cl = prepared.cl;
+  const at::Tensor &x = prepared.x, &w = prepared.w;
+  at::Tensor y = prepared.y;
   const auto stat_opts = x.options().dtype(at::kFloat);
   at::Tensor sum = at::empty({spec.y[1]}, stat_opts), sqsum = at::empty({spec.y[1]}, stat_opts);
   std::unordered_map<int64_t, void*> pack{{kX, x.data_ptr()}, {kW, w.data_ptr()}, {kY, y.data_ptr()},

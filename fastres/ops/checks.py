@@ -77,6 +77,25 @@ def residual(value: object, expected_shape: Sequence[int], like: torch.Tensor) -
     return value
 
 
+def conv_args(x: object, weight: object, stride, padding, dilation, groups) -> tuple:
+    """The checks every convolution op makes: x and weight 4-d tensors on one device with one dtype,
+    the geometry as int pairs, channels consistent with groups. Returns (stride, padding, dilation)."""
+    tensor(x, "x", ndim=4)
+    tensor(weight, "weight", ndim=4)
+    same_place(weight, "weight", x, "x")
+    stride = pair(stride, "stride", minimum=1)
+    padding = pair(padding, "padding", minimum=0)
+    dilation = pair(dilation, "dilation", minimum=1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int; got {groups!r}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[1]} x groups={groups} = "
+                         f"{weight.shape[1] * groups}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"weight's {weight.shape[0]} output channels are not divisible by groups={groups}")
+    return stride, padding, dilation
+
+
 def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int, int, int]:
     n, _, h, w = x.shape
     kh, kw = weight.shape[-2:]

@@ -39,19 +39,7 @@ def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_va
 def conv2d_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                residual: Optional[torch.Tensor] = None, relu: bool = True):
     """relu(conv2d(x, weight, bias) + residual); residual and ReLU optional. Same memory format out as in."""
-    checks.tensor(x, "x", ndim=4)
-    checks.tensor(weight, "weight", ndim=4)
-    checks.same_place(weight, "weight", x, "x")
-    stride = checks.pair(stride, "stride", minimum=1)
-    padding = checks.pair(padding, "padding", minimum=0)
-    dilation = checks.pair(dilation, "dilation", minimum=1)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int; got {groups!r}")
-    if x.shape[1] != weight.shape[1] * groups:
-        raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[1]} x groups={groups} = "
-                         f"{weight.shape[1] * groups}")
-    if weight.shape[0] % groups:
-        raise ValueError(f"weight's {weight.shape[0]} output channels are not divisible by groups={groups}")
+    stride, padding, dilation = checks.conv_args(x, weight, stride, padding, dilation, groups)
     checks.per_channel(bias, "bias", weight.shape[0], x, "x")
     checks.flag(relu, "relu")
     checks.residual(residual, checks.conv_output_shape(x, weight, stride, padding, dilation), x)
@@ -136,19 +124,7 @@ def norm_conv(x, weight, stride=1, padding=0, dilation=1, groups=1, *, scale: Op
     channel from the batch, as the next BatchNorm uses them; its running buffers (when given) are
     updated in place as torch.nn.BatchNorm2d does with this momentum. Returns (y, mean, invstd); all
     three are differentiable (mean/invstd in fp32, fp64 for fp64 x). No bias: BatchNorm follows."""
-    checks.tensor(x, "x", ndim=4)
-    checks.tensor(weight, "weight", ndim=4)
-    checks.same_place(weight, "weight", x, "x")
-    stride = checks.pair(stride, "stride", minimum=1)
-    padding = checks.pair(padding, "padding", minimum=0)
-    dilation = checks.pair(dilation, "dilation", minimum=1)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int; got {groups!r}")
-    if x.shape[1] != weight.shape[1] * groups:
-        raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[1]} x groups={groups} = "
-                         f"{weight.shape[1] * groups}")
-    if weight.shape[0] % groups:
-        raise ValueError(f"weight's {weight.shape[0]} output channels are not divisible by groups={groups}")
+    stride, padding, dilation = checks.conv_args(x, weight, stride, padding, dilation, groups)
     checks.flag(relu, "relu")
     if (scale is None) != (shift is None):
         raise ValueError("scale and shift must be given together or both be None")
