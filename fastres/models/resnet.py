@@ -13,6 +13,7 @@ from typing import Any, Callable, List, Optional, Type, Union
 import torch
 import torchvision.models as tvm
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torchvision.models import resnet as tv_resnet
 
 from .. import ops
@@ -21,12 +22,27 @@ from ..nn import (batch_norm_act, bn_prologue, conv_bn_act, conv_bn_stats, folde
 from ..nn.folding import invalidate_all
 from ..nn.fused import _no_global_hooks, has_hooks
 from ..ops import checks, dispatch
+from .tracing import fused_block, traced_root_is
 
 __all__ = [
     "ResNet", "BasicBlock", "Bottleneck", "from_torchvision",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
 ]
+
+
+def model_input(x: Tensor, conv1: nn.Module, bn1: nn.Module) -> Tensor:
+    """The ResNet forward's input checks and activation layout, as one FX graph node (a leaf: run on
+    the real input when the graph runs; bn1's mode stands for the model's)."""
+    checks.model_input(x, conv1)
+    layout = dispatch.preferred_memory_format(x, bn1.training)
+    return x if layout is None else x.contiguous(memory_format=layout)
+
+
+# FX leaf functions (see tracing.py): under torch.fx.symbolic_trace these calls become graph nodes.
+torch.fx.wrap("conv_bn_act")
+torch.fx.wrap("fused_block")
+torch.fx.wrap("model_input")
 
 
 def _projection(downsample: Optional[nn.Module]):
@@ -79,13 +95,28 @@ class BasicBlock(_InvalidatesFolds, tv_resnet.BasicBlock):
     norm_conv covers it, the NormConv chain)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not fusable_relu(self.relu):
-            return super().forward(x)
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._plain_forward(x)
+        if torch.jit.is_tracing() or not fusable_relu(self.relu):
+            return self._plain_forward(x)
+        if isinstance(x, Proxy):  # torch.fx: the fused block as one graph node
+            return self._plain_forward(x) if traced_root_is(self, x) else fused_block(self, x)
         pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2)]
         if self.training and norm_conv_chain_applies(pairs, x):
             return _norm_conv_chain(self, pairs, x)
         out = conv_bn_act(self.conv1, self.bn1, x, relu=True)
         return conv_bn_act(self.conv2, self.bn2, out, residual=_shortcut(self, x), relu=True)
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        """torchvision's forward, module by module (TorchScript, jit.trace, blocks the fused path cannot
+        honour)."""
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
 
 
 def _move_stride_to_1x1(block) -> None:
@@ -108,8 +139,12 @@ class Bottleneck(_InvalidatesFolds, tv_resnet.Bottleneck):
             _move_stride_to_1x1(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not fusable_relu(self.relu):
-            return super().forward(x)
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._plain_forward(x)
+        if torch.jit.is_tracing() or not fusable_relu(self.relu):
+            return self._plain_forward(x)
+        if isinstance(x, Proxy):  # torch.fx: the fused block as one graph node
+            return self._plain_forward(x) if traced_root_is(self, x) else fused_block(self, x)
         pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
         if self.training and norm_conv_chain_applies(pairs, x):
             return _norm_conv_chain(self, pairs, x)
@@ -122,6 +157,18 @@ class Bottleneck(_InvalidatesFolds, tv_resnet.Bottleneck):
             wd, bd = folded_conv_bn(conv_d, bn_d, memory_format_of(x))
             return ops.bottleneck_tail(out, w3, x, wd, b3 + bd, stride=conv_d.stride, relu=True)
         return conv_bn_act(self.conv3, self.bn3, out, residual=_shortcut(self, x), relu=True)
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        """torchvision's forward, module by module (TorchScript, jit.trace, blocks the fused path cannot
+        honour)."""
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
 
     def _fused_tail_pairs(self):
         projection = _projection(self.downsample)
@@ -158,9 +205,16 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
                     _move_stride_to_1x1(module)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._plain_forward(x)
+        if torch.jit.is_tracing():
+            return self._plain_forward(x)
+        if isinstance(x, Proxy):  # torch.fx: checks and layout as a graph node, then the fused nodes
+            x = model_input(x, self.conv1, self.bn1)
+            return self._fused_forward(x) if fusable_relu(self.relu) else self._plain_forward(x)
         checks.model_input(x, self.conv1)
         if not fusable_relu(self.relu):
-            return super()._forward_impl(x)
+            return self._plain_forward(x)
         layout = dispatch.preferred_memory_format(x, self.training)
         if layout is not None:
             x = x.contiguous(memory_format=layout)
@@ -170,6 +224,13 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
                                               private_activations=self._activations_private()):
                     return self._fused_forward(x)
         return self._fused_forward(x)
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        """torchvision's forward, module by module (TorchScript, jit.trace, a replaced stem ReLU)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
 
     def _fused_forward(self, x: Tensor) -> Tensor:
         x = conv_bn_act(self.conv1, self.bn1, x, relu=True)
