@@ -11,6 +11,7 @@ from .models.resnet import (BasicBlock, Bottleneck, ResNet, from_torchvision, re
                             resnet101, resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
                             wide_resnet50_2, wide_resnet101_2)
 from .models.tracing import create_feature_extractor, get_graph_node_names
+from .models.weights import WeightsDownloadError
 from .models.cifar import (cifar_resnet20, cifar_resnet32, cifar_resnet44, cifar_resnet56, cifar_resnet110,
                            cifar_resnet1202)
 from .models.preact import (resnet_v2_18, resnet_v2_34, resnet_v2_50, resnet_v2_101, resnet_v2_152,
@@ -24,6 +25,7 @@ _default_from_environment()
 
 __all__ = [
     "BasicBlock", "Bottleneck", "ResNet", "from_torchvision", "create_feature_extractor", "get_graph_node_names",
+    "WeightsDownloadError",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
     "available_backends", "tuning_report", "get_backend", "set_backend", "use_backend", "extension_loaded",

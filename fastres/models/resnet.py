@@ -23,6 +23,7 @@ from ..nn.folding import invalidate_all
 from ..nn.fused import _no_global_hooks, has_hooks
 from ..ops import checks, dispatch
 from .tracing import fused_block, traced_root_is
+from .weights import legacy_interface, load_weights, verify_weights
 
 __all__ = [
     "ResNet", "BasicBlock", "Bottleneck", "from_torchvision",
@@ -277,51 +278,41 @@ def _set_named_param(kwargs: dict, name: str, value: Any) -> None:
     kwargs[name] = value
 
 
-def _verify_weights(enum_cls, weights):
-    if weights is None:
-        return None
-    if isinstance(weights, str):
-        try:
-            return enum_cls.verify(weights)
-        except (KeyError, ValueError):
-            names = ["DEFAULT"] + [w.name for w in enum_cls]
-            raise ValueError(f"weights must be None, a {enum_cls.__name__} or one of the names {names}; "
-                             f"got {weights!r}") from None
-    if not isinstance(weights, enum_cls):
-        raise TypeError(f"weights must be None, a {enum_cls.__name__} or its name; got {weights!r}")
-    return weights
-
-
 def _resnet(block, layers, enum_cls, weights, progress: bool, **kwargs: Any) -> ResNet:
-    weights = _verify_weights(enum_cls, weights)
+    weights = verify_weights(enum_cls, weights)
     if weights is not None:
         _set_named_param(kwargs, "num_classes", len(weights.meta["categories"]))
     model = ResNet(block, layers, **kwargs)
     if weights is not None:
-        model.load_state_dict(weights.get_state_dict(progress=progress, check_hash=True))
+        model.load_state_dict(load_weights(weights, progress))
     return model
 
 
+@legacy_interface(tvm.ResNet18_Weights.IMAGENET1K_V1)
 def resnet18(*, weights: Optional[tvm.ResNet18_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-18 (torchvision's `resnet18`)."""
     return _resnet(BasicBlock, [2, 2, 2, 2], tvm.ResNet18_Weights, weights, progress, **kwargs)
 
 
+@legacy_interface(tvm.ResNet34_Weights.IMAGENET1K_V1)
 def resnet34(*, weights: Optional[tvm.ResNet34_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-34 (torchvision's `resnet34`)."""
     return _resnet(BasicBlock, [3, 4, 6, 3], tvm.ResNet34_Weights, weights, progress, **kwargs)
 
 
+@legacy_interface(tvm.ResNet50_Weights.IMAGENET1K_V1)
 def resnet50(*, weights: Optional[tvm.ResNet50_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-50 v1.5 (torchvision's `resnet50`)."""
     return _resnet(Bottleneck, [3, 4, 6, 3], tvm.ResNet50_Weights, weights, progress, **kwargs)
 
 
+@legacy_interface(tvm.ResNet101_Weights.IMAGENET1K_V1)
 def resnet101(*, weights: Optional[tvm.ResNet101_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-101 v1.5 (torchvision's `resnet101`)."""
     return _resnet(Bottleneck, [3, 4, 23, 3], tvm.ResNet101_Weights, weights, progress, **kwargs)
 
 
+@legacy_interface(tvm.ResNet152_Weights.IMAGENET1K_V1)
 def resnet152(*, weights: Optional[tvm.ResNet152_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-152 v1.5 (torchvision's `resnet152`)."""
     return _resnet(Bottleneck, [3, 8, 36, 3], tvm.ResNet152_Weights, weights, progress, **kwargs)
@@ -333,6 +324,7 @@ def _grouped(kwargs: dict, groups: int, width_per_group: int) -> dict:
     return kwargs
 
 
+@legacy_interface(tvm.ResNeXt50_32X4D_Weights.IMAGENET1K_V1)
 def resnext50_32x4d(*, weights: Optional[tvm.ResNeXt50_32X4D_Weights] = None, progress: bool = True,
                     **kwargs: Any) -> ResNet:
     """ResNeXt-50 32x4d (torchvision's `resnext50_32x4d`)."""
@@ -340,6 +332,7 @@ def resnext50_32x4d(*, weights: Optional[tvm.ResNeXt50_32X4D_Weights] = None, pr
                    **_grouped(kwargs, 32, 4))
 
 
+@legacy_interface(tvm.ResNeXt101_32X8D_Weights.IMAGENET1K_V1)
 def resnext101_32x8d(*, weights: Optional[tvm.ResNeXt101_32X8D_Weights] = None, progress: bool = True,
                      **kwargs: Any) -> ResNet:
     """ResNeXt-101 32x8d (torchvision's `resnext101_32x8d`)."""
@@ -347,6 +340,7 @@ def resnext101_32x8d(*, weights: Optional[tvm.ResNeXt101_32X8D_Weights] = None, 
                    **_grouped(kwargs, 32, 8))
 
 
+@legacy_interface(tvm.ResNeXt101_64X4D_Weights.IMAGENET1K_V1)
 def resnext101_64x4d(*, weights: Optional[tvm.ResNeXt101_64X4D_Weights] = None, progress: bool = True,
                      **kwargs: Any) -> ResNet:
     """ResNeXt-101 64x4d (torchvision's `resnext101_64x4d`)."""
@@ -354,6 +348,7 @@ def resnext101_64x4d(*, weights: Optional[tvm.ResNeXt101_64X4D_Weights] = None, 
                    **_grouped(kwargs, 64, 4))
 
 
+@legacy_interface(tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1)
 def wide_resnet50_2(*, weights: Optional[tvm.Wide_ResNet50_2_Weights] = None, progress: bool = True,
                     **kwargs: Any) -> ResNet:
     """Wide ResNet-50-2 (torchvision's `wide_resnet50_2`)."""
@@ -361,6 +356,7 @@ def wide_resnet50_2(*, weights: Optional[tvm.Wide_ResNet50_2_Weights] = None, pr
     return _resnet(Bottleneck, [3, 4, 6, 3], tvm.Wide_ResNet50_2_Weights, weights, progress, **kwargs)
 
 
+@legacy_interface(tvm.Wide_ResNet101_2_Weights.IMAGENET1K_V1)
 def wide_resnet101_2(*, weights: Optional[tvm.Wide_ResNet101_2_Weights] = None, progress: bool = True,
                      **kwargs: Any) -> ResNet:
     """Wide ResNet-101-2 (torchvision's `wide_resnet101_2`)."""
