@@ -73,18 +73,21 @@ def _uniform(shape, low, high, g):
 
 
 def randomize_bn_(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Give every BatchNorm2d non-trivial affine parameters and running statistics (in place).
+    """Give every BatchNorm2d (and torchvision FrozenBatchNorm2d) non-trivial affine parameters and running
+    statistics (in place).
 
     weight ~ U(0.5, 1.5), bias ~ N(0, 0.1), running_mean ~ N(0, 0.1), running_var ~ U(0.5, 2.0),
     drawn in float64 from a private generator, so two models with the same structure get the
     same values whatever their dtype, device or memory format.
     """
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if not isinstance(module, nn.BatchNorm2d):
+            if not isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
                 continue
-            c = module.num_features
+            c = module.running_mean.numel() if isinstance(module, FrozenBatchNorm2d) else module.num_features
             values = {
                 "weight": _uniform((c,), 0.5, 1.5, g),
                 "bias": torch.randn((c,), generator=g, dtype=torch.float64) * 0.1,
