@@ -210,7 +210,8 @@ def train_step(model: nn.Module, x: torch.Tensor, seed: int = 7, layer_hooks: bo
 
     The loss is a random linear function of the logits (and, with layer_hooks, of every
     layerN output too, which exercises the blocks' backward with a non-degenerate gradient).
-    Returns (output, input gradient, {param name: grad}, {buffer name: value}) all detached.
+    Returns (output, input gradient, {param name: grad} (parameters that require one), {buffer name: value}),
+    all detached.
     """
     model.train()
     model.zero_grad(set_to_none=True)
@@ -234,6 +235,9 @@ def train_step(model: nn.Module, x: torch.Tensor, seed: int = 7, layer_hooks: bo
     loss.backward()
     grads = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:   # frozen (e.g. a detection backbone's first layers): no gradient by design
+            assert p.grad is None, f"frozen parameter {name} got a gradient"
+            continue
         assert p.grad is not None, f"parameter {name} got no gradient"
         grads[name] = p.grad.detach().clone()
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}

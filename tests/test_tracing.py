@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models import feature_extraction as tv_fe
+from torchvision.models import resnet as tv_resnet
 
 import fastres
 from fastres.models.preact import PreActBasicBlock, PreActBottleneck
@@ -274,3 +275,14 @@ def test_jit_trace(name):
     traced = torch.jit.trace(source, x, check_trace=False)    # the tracing run updated the running stats:
     traced.load_state_dict(model.state_dict())                 # start both from the same buffers
     _compare_steps(_step(traced, other), _step(model, other), 1e-5, f"traced {name} train")
+
+
+def test_script_a_converted_torchvision_model():
+    """A torchvision model converted by fastres.convert stays scriptable (its blocks' plain path)."""
+    torch.manual_seed(0)
+    tv = randomize_bn_(tv_resnet.resnet18(num_classes=10)).eval()
+    converted = fastres.convert(copy.deepcopy(tv))
+    scripted = torch.jit.script(converted)
+    x = randn(*SHAPE, seed=11)
+    with torch.no_grad():
+        assert_rel_close(scripted(x), tv(x), SCRIPT_RTOL, "scripted converted")

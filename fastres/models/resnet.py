@@ -7,7 +7,6 @@ replaced or hooked in a way the fused path cannot honour runs torchvision's forw
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, List, Optional, Type, Union
 
 import torch
@@ -26,7 +25,7 @@ from .tracing import fused_block, traced_root_is
 from .weights import legacy_interface, load_weights, verify_weights
 
 __all__ = [
-    "ResNet", "BasicBlock", "Bottleneck", "from_torchvision",
+    "ResNet", "BasicBlock", "Bottleneck",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
 ]
@@ -253,21 +252,6 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
             if type(layer) is not nn.Sequential or any(type(block) not in (BasicBlock, Bottleneck) for block in layer):
                 return False
         return not any(has_hooks(module) for module in self.modules())
-
-
-def from_torchvision(model: nn.Module) -> ResNet:
-    """A fastres.ResNet with the same configuration, weights, buffers and train/eval state as a
-    torchvision ResNet. The argument is left untouched (the result owns copies of its tensors)."""
-    if not isinstance(model, nn.Module) or type(model) not in (tv_resnet.ResNet, ResNet):
-        raise TypeError(f"model must be a torchvision.models.ResNet (or fastres.ResNet); got {type(model).__name__}")
-    converted = copy.deepcopy(model)
-    # Only exact torchvision classes are swapped: a user subclass keeps its own forward.
-    converted.__class__ = ResNet
-    for module in converted.modules():
-        fast = _FASTRES_BLOCK.get(type(module))
-        if fast is not None:
-            module.__class__ = fast
-    return converted
 
 
 # ---- constructors: torchvision's signatures, weights through torchvision's own loader ----
