@@ -4,7 +4,8 @@ The blocks keep torchvision's submodules (so state_dict keys, load_state_dict, h
 SyncBatchNorm conversion and IntermediateLayerGetter keep working) and call these
 functions instead of the modules. Whatever the fused path cannot honour exactly -- a
 hook on a submodule, another norm layer, a non-zero padding mode, a replaced ReLU --
-runs the modules themselves, so behaviour stays torchvision's.
+runs the modules themselves, so behaviour stays torchvision's. torchvision's
+FrozenBatchNorm2d is eval-mode BatchNorm in every mode and folds like it.
 """
 from __future__ import annotations
 
