@@ -119,6 +119,19 @@ def test_symbolic_trace_checks_the_real_input(name):
         gm(randn(3, 32, 32))
 
 
+def test_traced_graph_saves_loads_and_deepcopies(tmp_path):
+    """A GraphModule of a fastres model pickles (its leaf targets are importable functions) and deep-copies."""
+    model = _model("resnet50", "eval")
+    gm = torch.fx.symbolic_trace(model)
+    torch.save(gm, tmp_path / "gm.pt")
+    loaded = torch.load(tmp_path / "gm.pt", weights_only=False)
+    x = randn(*SHAPE, seed=12)
+    with torch.no_grad():
+        expected = model(x)
+        assert_rel_close(loaded(x), expected, 1e-5, "loaded GraphModule")
+        assert_rel_close(copy.deepcopy(gm)(x), expected, 1e-5, "deepcopied GraphModule")
+
+
 def test_symbolic_trace_of_a_block_and_of_a_fallback_model():
     """A block traced as the root is traced through its plain path; a model whose ReLU was replaced
     traces through torchvision's ops. Both give the eager numbers."""
