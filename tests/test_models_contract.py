@@ -17,7 +17,8 @@ from torch import nn
 
 import fastres
 from fastres.models.tracing import fused_block
-from helpers import BIG, CONSTRUCTORS, TOLERANCE, assert_rel_close, assert_state_dicts_equal, build_pair, randn
+from helpers import (BIG, CONSTRUCTORS, TOLERANCE, assert_as_accurate, assert_rel_close, assert_state_dicts_equal,
+                     build_pair, randn)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 
@@ -77,14 +78,17 @@ def test_fx(pair):
 
 
 def test_input_backprop(pair):
+    """The input gradient exists and is as accurate as torchvision's against float64 (measured: torchvision
+    fp32's own is 7e-3 from float64 on wide_resnet101_2 at this input, fastres's 1e-6)."""
     name, tv, fr = pair
     grads = []
-    for model in (tv, fr):
-        x = randn(*SHAPE, seed=6).requires_grad_(True)
+    for model, dtype in ((tv, torch.float32), (fr, torch.float32), (copy.deepcopy(tv).double(), torch.float64)):
+        x = randn(*SHAPE, seed=6, dtype=dtype).requires_grad_(True)
         model(x).sum().backward()
         assert x.grad is not None and x.grad.shape == x.shape
         grads.append(x.grad)
-    assert_rel_close(grads[1], grads[0], TOLERANCE["grad"][torch.float32], f"{name} input gradient")
+    assert_as_accurate(grads[1], grads[0], grads[2], rtol=TOLERANCE["grad"][torch.float32],
+                       what=f"{name} input gradient")
 
 
 def _sliced(model, stop_layer="layer4"):
