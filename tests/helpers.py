@@ -73,18 +73,21 @@ def _uniform(shape, low, high, g):
 
 
 def randomize_bn_(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Give every BatchNorm2d non-trivial affine parameters and running statistics (in place).
+    """Give every BatchNorm2d (and torchvision FrozenBatchNorm2d) non-trivial affine parameters and running
+    statistics (in place).
 
     weight ~ U(0.5, 1.5), bias ~ N(0, 0.1), running_mean ~ N(0, 0.1), running_var ~ U(0.5, 2.0),
     drawn in float64 from a private generator, so two models with the same structure get the
     same values whatever their dtype, device or memory format.
     """
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if not isinstance(module, nn.BatchNorm2d):
+            if not isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
                 continue
-            c = module.num_features
+            c = module.running_mean.numel() if isinstance(module, FrozenBatchNorm2d) else module.num_features
             values = {
                 "weight": _uniform((c,), 0.5, 1.5, g),
                 "bias": torch.randn((c,), generator=g, dtype=torch.float64) * 0.1,
@@ -207,7 +210,8 @@ def train_step(model: nn.Module, x: torch.Tensor, seed: int = 7, layer_hooks: bo
 
     The loss is a random linear function of the logits (and, with layer_hooks, of every
     layerN output too, which exercises the blocks' backward with a non-degenerate gradient).
-    Returns (output, input gradient, {param name: grad}, {buffer name: value}) all detached.
+    Returns (output, input gradient, {param name: grad} (parameters that require one), {buffer name: value}),
+    all detached.
     """
     model.train()
     model.zero_grad(set_to_none=True)
@@ -231,6 +235,9 @@ def train_step(model: nn.Module, x: torch.Tensor, seed: int = 7, layer_hooks: bo
     loss.backward()
     grads = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:   # frozen (e.g. a detection backbone's first layers): no gradient by design
+            assert p.grad is None, f"frozen parameter {name} got a gradient"
+            continue
         assert p.grad is not None, f"parameter {name} got no gradient"
         grads[name] = p.grad.detach().clone()
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}

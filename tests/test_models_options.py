@@ -143,6 +143,35 @@ def test_groupnorm_norm_layer_falls_back(block_name):
     assert_train_matches(tv, fr, randn(2, 3, 32, 32, seed=9), fp32_direct=True, what=f"GroupNorm {block_name}")
 
 
+def _counted(fn, calls, pairs, *args, **kwargs):
+    calls.append(pairs)
+    return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("block_name", ["BasicBlock", "Bottleneck"])
+def test_frozen_batch_norm_is_folded(block_name, monkeypatch):
+    """torchvision's FrozenBatchNorm2d (detection backbones) is eval-mode BN in every mode: fastres folds it
+    into the convs (every conv + FrozenBN pair runs in one fused op, in train mode too) with eval BN's
+    accuracy: the model tolerance in fp32, 1e-10 in float64."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    tv, fr = _pair_from_classes(block_name, [1, 1, 1, 1], norm_layer=FrozenBatchNorm2d, num_classes=10)
+    pairs = len([m for m in fr.modules() if isinstance(m, FrozenBatchNorm2d)])
+    calls = []   # conv + BN pairs run by the fused ops: conv2d_act runs one, bottleneck_tail two
+    for name, count in (("conv2d_act", 1), ("bottleneck_tail", 2)):
+        monkeypatch.setattr(fastres.ops, name, functools.partial(_counted, getattr(fastres.ops, name), calls, count))
+    for mode in ("eval", "train"):
+        calls.clear()
+        x = randn(*TRAIN_SHAPE, seed=11)
+        with torch.no_grad():
+            expected = tv.train(mode == "train")(x)
+            assert_rel_close(fr.train(mode == "train")(x), expected, what=f"FrozenBN {block_name} {mode}")
+        assert sum(calls) == pairs, f"{mode}: {sum(calls)} of {pairs} conv + FrozenBN pairs fused"
+    assert_train_matches(tv, fr, randn(*TRAIN_SHAPE, seed=12), what=f"FrozenBN {block_name}")
+    assert_eval_matches(copy.deepcopy(tv).double(), copy.deepcopy(fr).double(), shapes=[(TRAIN_SHAPE, False)],
+                        dtype=torch.float64, what=f"FrozenBN {block_name} float64")
+
+
 class _ShiftedBN(nn.BatchNorm2d):
     """A BatchNorm2d subclass with its own forward: fastres must not fold it as a plain BN."""
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ..models.resnet import from_torchvision
+from ..models.convert import from_torchvision
 
 
 def randomize_batch_norm_(model: nn.Module, seed: int = 0) -> nn.Module:

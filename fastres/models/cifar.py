@@ -15,11 +15,17 @@ from typing import Any, List
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from ..nn import conv_bn_act, fusable_relu
 from ..ops import checks
+from ..ops.checks import model_input
 from .init import init_like_torchvision_
 from .resnet import BasicBlock, _InvalidatesFolds
+
+# FX leaf functions (see tracing.py): under torch.fx.symbolic_trace these calls become graph nodes.
+torch.fx.wrap("conv_bn_act")
+torch.fx.wrap("model_input")
 
 __all__ = ["CifarResNet", "ZeroPadShortcut", "cifar_resnet20", "cifar_resnet32", "cifar_resnet44",
            "cifar_resnet56", "cifar_resnet110", "cifar_resnet1202"]
@@ -77,11 +83,24 @@ class CifarResNet(_InvalidatesFolds, nn.Module):
         return nn.Sequential(*units)
 
     def forward(self, x: Tensor) -> Tensor:
-        checks.model_input(x, self.conv1)
-        if fusable_relu(self.relu):
-            x = conv_bn_act(self.conv1, self.bn1, x, relu=True)
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._plain_forward(x)
+        if torch.jit.is_tracing():
+            return self._plain_forward(x)
+        if isinstance(x, Proxy):  # torch.fx: the check as a graph node, run on the real input
+            x = model_input(x, self.conv1)
         else:
-            x = self.relu(self.bn1(self.conv1(x)))
+            checks.model_input(x, self.conv1)
+        if not fusable_relu(self.relu):
+            return self._plain_forward(x)
+        x = conv_bn_act(self.conv1, self.bn1, x, relu=True)
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        """Module by module (TorchScript, jit.trace, a replaced stem ReLU)."""
+        x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)

@@ -16,13 +16,21 @@ from typing import Any, List, Optional, Type, Union
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from .. import ops
 from ..ops import checks
+from ..ops.checks import model_input
 from ..nn import batch_norm_act, conv_bn_act, fusable_relu
 from ..nn.fused import _no_global_hooks, fusable_bn, fusable_conv
 from .init import init_like_torchvision_
 from .resnet import _InvalidatesFolds
+from .tracing import fused_block, traced_root_is
+
+# FX leaf functions (see tracing.py): under torch.fx.symbolic_trace these calls become graph nodes.
+torch.fx.wrap("batch_norm_act")
+torch.fx.wrap("fused_block")
+torch.fx.wrap("model_input")
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "ResNetV2", "resnet_v2_18", "resnet_v2_34", "resnet_v2_50",
            "resnet_v2_101", "resnet_v2_152", "resnet_v2_200"]
@@ -69,15 +77,25 @@ class PreActBasicBlock(_InvalidatesFolds, nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _fusable(self):
-            pre = self.relu(self.bn1(x))
-            shortcut = x if self.downsample is None else self.downsample(pre)
-            out = self.relu(self.bn2(self.conv1(pre)))
-            return self.conv2(out) + shortcut
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._plain_forward(x)
+        if torch.jit.is_tracing() or not _fusable(self):
+            return self._plain_forward(x)
+        if isinstance(x, Proxy):  # torch.fx: the fused unit as one graph node
+            return self._plain_forward(x) if traced_root_is(self, x) else fused_block(self, x)
         pre = batch_norm_act(self.bn1, x, relu=True)
         shortcut = x if self.downsample is None else self.downsample[0](pre)
         out = conv_bn_act(self.conv1, self.bn2, pre, relu=True)
         return _conv_add(self.conv2, out, shortcut)
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        """Module by module (TorchScript, jit.trace, units the fused path cannot honour)."""
+        pre = self.relu(self.bn1(x))
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(pre)
+        out = self.relu(self.bn2(self.conv1(pre)))
+        return self.conv2(out) + shortcut
 
 
 class PreActBottleneck(_InvalidatesFolds, nn.Module):
@@ -96,17 +114,27 @@ class PreActBottleneck(_InvalidatesFolds, nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _fusable(self):
-            pre = self.relu(self.bn1(x))
-            shortcut = x if self.downsample is None else self.downsample(pre)
-            out = self.relu(self.bn2(self.conv1(pre)))
-            out = self.relu(self.bn3(self.conv2(out)))
-            return self.conv3(out) + shortcut
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._plain_forward(x)
+        if torch.jit.is_tracing() or not _fusable(self):
+            return self._plain_forward(x)
+        if isinstance(x, Proxy):  # torch.fx: the fused unit as one graph node
+            return self._plain_forward(x) if traced_root_is(self, x) else fused_block(self, x)
         pre = batch_norm_act(self.bn1, x, relu=True)
         shortcut = x if self.downsample is None else self.downsample[0](pre)
         out = conv_bn_act(self.conv1, self.bn2, pre, relu=True)
         out = conv_bn_act(self.conv2, self.bn3, out, relu=True)
         return _conv_add(self.conv3, out, shortcut)
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        """Module by module (TorchScript, jit.trace, units the fused path cannot honour)."""
+        pre = self.relu(self.bn1(x))
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(pre)
+        out = self.relu(self.bn2(self.conv1(pre)))
+        out = self.relu(self.bn3(self.conv2(out)))
+        return self.conv3(out) + shortcut
 
 
 class ResNetV2(_InvalidatesFolds, nn.Module):
@@ -138,13 +166,27 @@ class ResNetV2(_InvalidatesFolds, nn.Module):
         return nn.Sequential(*units)
 
     def forward(self, x: Tensor) -> Tensor:
-        checks.model_input(x, self.conv1)
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._plain_forward(x)
+        if torch.jit.is_tracing():
+            return self._plain_forward(x)
+        if isinstance(x, Proxy):  # torch.fx: the check as a graph node, run on the real input
+            x = model_input(x, self.conv1)
+        else:
+            checks.model_input(x, self.conv1)
         x = self.maxpool(self.conv1(x))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         if fusable_relu(self.relu) and fusable_bn(self.final_bn) and _no_global_hooks():
             x = batch_norm_act(self.final_bn, x, relu=True)
         else:
             x = self.relu(self.final_bn(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        """Module by module (TorchScript, jit.trace)."""
+        x = self.maxpool(self.conv1(x))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.relu(self.final_bn(x))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 

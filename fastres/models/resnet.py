@@ -7,12 +7,12 @@ replaced or hooked in a way the fused path cannot honour runs torchvision's forw
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, List, Optional, Type, Union
 
 import torch
 import torchvision.models as tvm
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torchvision.models import resnet as tv_resnet
 
 from .. import ops
@@ -21,12 +21,28 @@ from ..nn import (batch_norm_act, bn_prologue, conv_bn_act, conv_bn_stats, folde
 from ..nn.folding import invalidate_all
 from ..nn.fused import _no_global_hooks, has_hooks
 from ..ops import checks, dispatch
+from .tracing import fused_block, traced_root_is
+from .weights import legacy_interface, load_weights, verify_weights
 
 __all__ = [
-    "ResNet", "BasicBlock", "Bottleneck", "from_torchvision",
+    "ResNet", "BasicBlock", "Bottleneck",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
 ]
+
+
+def model_input(x: Tensor, conv1: nn.Module, bn1: nn.Module) -> Tensor:
+    """The ResNet forward's input checks and activation layout, as one FX graph node (a leaf: run on
+    the real input when the graph runs; bn1's mode stands for the model's)."""
+    checks.model_input(x, conv1)
+    layout = dispatch.preferred_memory_format(x, bn1.training)
+    return x if layout is None else x.contiguous(memory_format=layout)
+
+
+# FX leaf functions (see tracing.py): under torch.fx.symbolic_trace these calls become graph nodes.
+torch.fx.wrap("conv_bn_act")
+torch.fx.wrap("fused_block")
+torch.fx.wrap("model_input")
 
 
 def _projection(downsample: Optional[nn.Module]):
@@ -79,13 +95,28 @@ class BasicBlock(_InvalidatesFolds, tv_resnet.BasicBlock):
     norm_conv covers it, the NormConv chain)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not fusable_relu(self.relu):
-            return super().forward(x)
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._plain_forward(x)
+        if torch.jit.is_tracing() or not fusable_relu(self.relu):
+            return self._plain_forward(x)
+        if isinstance(x, Proxy):  # torch.fx: the fused block as one graph node
+            return self._plain_forward(x) if traced_root_is(self, x) else fused_block(self, x)
         pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2)]
         if self.training and norm_conv_chain_applies(pairs, x):
             return _norm_conv_chain(self, pairs, x)
         out = conv_bn_act(self.conv1, self.bn1, x, relu=True)
         return conv_bn_act(self.conv2, self.bn2, out, residual=_shortcut(self, x), relu=True)
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        """torchvision's forward, module by module (TorchScript, jit.trace, blocks the fused path cannot
+        honour)."""
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
 
 
 def _move_stride_to_1x1(block) -> None:
@@ -108,8 +139,12 @@ class Bottleneck(_InvalidatesFolds, tv_resnet.Bottleneck):
             _move_stride_to_1x1(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not fusable_relu(self.relu):
-            return super().forward(x)
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._plain_forward(x)
+        if torch.jit.is_tracing() or not fusable_relu(self.relu):
+            return self._plain_forward(x)
+        if isinstance(x, Proxy):  # torch.fx: the fused block as one graph node
+            return self._plain_forward(x) if traced_root_is(self, x) else fused_block(self, x)
         pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
         if self.training and norm_conv_chain_applies(pairs, x):
             return _norm_conv_chain(self, pairs, x)
@@ -122,6 +157,18 @@ class Bottleneck(_InvalidatesFolds, tv_resnet.Bottleneck):
             wd, bd = folded_conv_bn(conv_d, bn_d, memory_format_of(x))
             return ops.bottleneck_tail(out, w3, x, wd, b3 + bd, stride=conv_d.stride, relu=True)
         return conv_bn_act(self.conv3, self.bn3, out, residual=_shortcut(self, x), relu=True)
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        """torchvision's forward, module by module (TorchScript, jit.trace, blocks the fused path cannot
+        honour)."""
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
 
     def _fused_tail_pairs(self):
         projection = _projection(self.downsample)
@@ -158,9 +205,16 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
                     _move_stride_to_1x1(module)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._plain_forward(x)
+        if torch.jit.is_tracing():
+            return self._plain_forward(x)
+        if isinstance(x, Proxy):  # torch.fx: checks and layout as a graph node, then the fused nodes
+            x = model_input(x, self.conv1, self.bn1)
+            return self._fused_forward(x) if fusable_relu(self.relu) else self._plain_forward(x)
         checks.model_input(x, self.conv1)
         if not fusable_relu(self.relu):
-            return super()._forward_impl(x)
+            return self._plain_forward(x)
         layout = dispatch.preferred_memory_format(x, self.training)
         if layout is not None:
             x = x.contiguous(memory_format=layout)
@@ -170,6 +224,13 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
                                               private_activations=self._activations_private()):
                     return self._fused_forward(x)
         return self._fused_forward(x)
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        """torchvision's forward, module by module (TorchScript, jit.trace, a replaced stem ReLU)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
 
     def _fused_forward(self, x: Tensor) -> Tensor:
         x = conv_bn_act(self.conv1, self.bn1, x, relu=True)
@@ -193,21 +254,6 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
         return not any(has_hooks(module) for module in self.modules())
 
 
-def from_torchvision(model: nn.Module) -> ResNet:
-    """A fastres.ResNet with the same configuration, weights, buffers and train/eval state as a
-    torchvision ResNet. The argument is left untouched (the result owns copies of its tensors)."""
-    if not isinstance(model, nn.Module) or type(model) not in (tv_resnet.ResNet, ResNet):
-        raise TypeError(f"model must be a torchvision.models.ResNet (or fastres.ResNet); got {type(model).__name__}")
-    converted = copy.deepcopy(model)
-    # Only exact torchvision classes are swapped: a user subclass keeps its own forward.
-    converted.__class__ = ResNet
-    for module in converted.modules():
-        fast = _FASTRES_BLOCK.get(type(module))
-        if fast is not None:
-            module.__class__ = fast
-    return converted
-
-
 # ---- constructors: torchvision's signatures, weights through torchvision's own loader ----
 
 def _set_named_param(kwargs: dict, name: str, value: Any) -> None:
@@ -216,51 +262,41 @@ def _set_named_param(kwargs: dict, name: str, value: Any) -> None:
     kwargs[name] = value
 
 
-def _verify_weights(enum_cls, weights):
-    if weights is None:
-        return None
-    if isinstance(weights, str):
-        try:
-            return enum_cls.verify(weights)
-        except (KeyError, ValueError):
-            names = ["DEFAULT"] + [w.name for w in enum_cls]
-            raise ValueError(f"weights must be None, a {enum_cls.__name__} or one of the names {names}; "
-                             f"got {weights!r}") from None
-    if not isinstance(weights, enum_cls):
-        raise TypeError(f"weights must be None, a {enum_cls.__name__} or its name; got {weights!r}")
-    return weights
-
-
 def _resnet(block, layers, enum_cls, weights, progress: bool, **kwargs: Any) -> ResNet:
-    weights = _verify_weights(enum_cls, weights)
+    weights = verify_weights(enum_cls, weights)
     if weights is not None:
         _set_named_param(kwargs, "num_classes", len(weights.meta["categories"]))
     model = ResNet(block, layers, **kwargs)
     if weights is not None:
-        model.load_state_dict(weights.get_state_dict(progress=progress, check_hash=True))
+        model.load_state_dict(load_weights(weights, progress))
     return model
 
 
+@legacy_interface(tvm.ResNet18_Weights.IMAGENET1K_V1)
 def resnet18(*, weights: Optional[tvm.ResNet18_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-18 (torchvision's `resnet18`)."""
     return _resnet(BasicBlock, [2, 2, 2, 2], tvm.ResNet18_Weights, weights, progress, **kwargs)
 
 
+@legacy_interface(tvm.ResNet34_Weights.IMAGENET1K_V1)
 def resnet34(*, weights: Optional[tvm.ResNet34_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-34 (torchvision's `resnet34`)."""
     return _resnet(BasicBlock, [3, 4, 6, 3], tvm.ResNet34_Weights, weights, progress, **kwargs)
 
 
+@legacy_interface(tvm.ResNet50_Weights.IMAGENET1K_V1)
 def resnet50(*, weights: Optional[tvm.ResNet50_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-50 v1.5 (torchvision's `resnet50`)."""
     return _resnet(Bottleneck, [3, 4, 6, 3], tvm.ResNet50_Weights, weights, progress, **kwargs)
 
 
+@legacy_interface(tvm.ResNet101_Weights.IMAGENET1K_V1)
 def resnet101(*, weights: Optional[tvm.ResNet101_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-101 v1.5 (torchvision's `resnet101`)."""
     return _resnet(Bottleneck, [3, 4, 23, 3], tvm.ResNet101_Weights, weights, progress, **kwargs)
 
 
+@legacy_interface(tvm.ResNet152_Weights.IMAGENET1K_V1)
 def resnet152(*, weights: Optional[tvm.ResNet152_Weights] = None, progress: bool = True, **kwargs: Any) -> ResNet:
     """ResNet-152 v1.5 (torchvision's `resnet152`)."""
     return _resnet(Bottleneck, [3, 8, 36, 3], tvm.ResNet152_Weights, weights, progress, **kwargs)
@@ -272,6 +308,7 @@ def _grouped(kwargs: dict, groups: int, width_per_group: int) -> dict:
     return kwargs
 
 
+@legacy_interface(tvm.ResNeXt50_32X4D_Weights.IMAGENET1K_V1)
 def resnext50_32x4d(*, weights: Optional[tvm.ResNeXt50_32X4D_Weights] = None, progress: bool = True,
                     **kwargs: Any) -> ResNet:
     """ResNeXt-50 32x4d (torchvision's `resnext50_32x4d`)."""
@@ -279,6 +316,7 @@ def resnext50_32x4d(*, weights: Optional[tvm.ResNeXt50_32X4D_Weights] = None, pr
                    **_grouped(kwargs, 32, 4))
 
 
+@legacy_interface(tvm.ResNeXt101_32X8D_Weights.IMAGENET1K_V1)
 def resnext101_32x8d(*, weights: Optional[tvm.ResNeXt101_32X8D_Weights] = None, progress: bool = True,
                      **kwargs: Any) -> ResNet:
     """ResNeXt-101 32x8d (torchvision's `resnext101_32x8d`)."""
@@ -286,6 +324,7 @@ def resnext101_32x8d(*, weights: Optional[tvm.ResNeXt101_32X8D_Weights] = None, 
                    **_grouped(kwargs, 32, 8))
 
 
+@legacy_interface(tvm.ResNeXt101_64X4D_Weights.IMAGENET1K_V1)
 def resnext101_64x4d(*, weights: Optional[tvm.ResNeXt101_64X4D_Weights] = None, progress: bool = True,
                      **kwargs: Any) -> ResNet:
     """ResNeXt-101 64x4d (torchvision's `resnext101_64x4d`)."""
@@ -293,6 +332,7 @@ def resnext101_64x4d(*, weights: Optional[tvm.ResNeXt101_64X4D_Weights] = None, 
                    **_grouped(kwargs, 64, 4))
 
 
+@legacy_interface(tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1)
 def wide_resnet50_2(*, weights: Optional[tvm.Wide_ResNet50_2_Weights] = None, progress: bool = True,
                     **kwargs: Any) -> ResNet:
     """Wide ResNet-50-2 (torchvision's `wide_resnet50_2`)."""
@@ -300,6 +340,7 @@ def wide_resnet50_2(*, weights: Optional[tvm.Wide_ResNet50_2_Weights] = None, pr
     return _resnet(Bottleneck, [3, 4, 6, 3], tvm.Wide_ResNet50_2_Weights, weights, progress, **kwargs)
 
 
+@legacy_interface(tvm.Wide_ResNet101_2_Weights.IMAGENET1K_V1)
 def wide_resnet101_2(*, weights: Optional[tvm.Wide_ResNet101_2_Weights] = None, progress: bool = True,
                      **kwargs: Any) -> ResNet:
     """Wide ResNet-101-2 (torchvision's `wide_resnet101_2`)."""

@@ -4,7 +4,8 @@ The blocks keep torchvision's submodules (so state_dict keys, load_state_dict, h
 SyncBatchNorm conversion and IntermediateLayerGetter keep working) and call these
 functions instead of the modules. Whatever the fused path cannot honour exactly -- a
 hook on a submodule, another norm layer, a non-zero padding mode, a replaced ReLU --
-runs the modules themselves, so behaviour stays torchvision's.
+runs the modules themselves, so behaviour stays torchvision's. torchvision's
+FrozenBatchNorm2d is eval-mode BatchNorm in every mode and folds like it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .. import ops
 from ..layout import memory_format_of
@@ -40,8 +42,16 @@ def fusable_conv(conv: nn.Module) -> bool:
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and not has_hooks(conv))
 
 
+def is_frozen_bn(bn: nn.Module) -> bool:
+    """torchvision's FrozenBatchNorm2d (detection backbones): eval-mode BatchNorm whatever its mode."""
+    return type(bn) is FrozenBatchNorm2d
+
+
 def fusable_bn(bn: nn.Module) -> bool:
-    # SyncBatchNorm and other norms are not BatchNorm2d: they run as modules.
+    # SyncBatchNorm and other norms are not BatchNorm2d: they run as modules. torchvision's
+    # FrozenBatchNorm2d is eval-mode BatchNorm's arithmetic in every mode: it folds like one.
+    if is_frozen_bn(bn):
+        return not has_hooks(bn)
     return (isinstance(bn, nn.BatchNorm2d) and type(bn).forward is _BatchNorm.forward and not has_hooks(bn))
 
 
@@ -53,7 +63,9 @@ def fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
     return fusable_conv(conv) and fusable_bn(bn) and _no_global_hooks()
 
 
-def uses_running_stats(bn: _BatchNorm) -> bool:
+def uses_running_stats(bn: nn.Module) -> bool:
+    if is_frozen_bn(bn):
+        return True
     return not bn.training and bn.running_mean is not None and bn.running_var is not None
 
 
@@ -101,7 +113,7 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, *, residual: Op
 # ---------------------------------------------------------------- NormConv chain (training)
 
 def _chain_pair(conv: nn.Module, bn: nn.Module) -> bool:
-    return fusable_pair(conv, bn) and conv.bias is None and bn.training
+    return fusable_pair(conv, bn) and isinstance(bn, _BatchNorm) and conv.bias is None and bn.training
 
 
 def norm_conv_chain_applies(pairs, x: torch.Tensor) -> bool:

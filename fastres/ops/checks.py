@@ -108,8 +108,9 @@ def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, di
     return n, weight.shape[0], out_h, out_w
 
 
-def model_input(x: object, first_conv: object) -> None:
-    """A network's input against its first convolution: errors that name the input, not an inner layer."""
+def model_input(x: object, first_conv: object) -> torch.Tensor:
+    """A network's input against its first convolution: errors that name the input, not an inner layer.
+    Returns x, so that a traced graph (the models make this an FX leaf) keeps the check in its data path."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"the model input must be a torch.Tensor; got {type(x).__name__}")
     if x.dim() != 4:
@@ -118,7 +119,7 @@ def model_input(x: object, first_conv: object) -> None:
         raise TypeError(f"the model input must have a floating dtype; got {x.dtype}")
     weight = getattr(first_conv, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        return  # a replaced stem: it checks its own input
+        return x  # a replaced stem: it checks its own input
     expected = weight.shape[1] * getattr(first_conv, "groups", 1)
     if x.shape[1] != expected:
         raise ValueError(f"the model input has {x.shape[1]} channels but the model's first conv expects {expected}")
@@ -128,3 +129,4 @@ def model_input(x: object, first_conv: object) -> None:
     if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
         raise TypeError(f"the model input has dtype {x.dtype} but the model's parameters have {weight.dtype}; "
                         f"convert one of them (for example model.to(x.dtype))")
+    return x
