@@ -15,10 +15,8 @@ from typing import Any, List
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx import Proxy
 
 from ..nn import conv_bn_act, fusable_relu
-from ..ops import checks
 from ..ops.checks import model_input
 from .init import init_like_torchvision_
 from .resnet import BasicBlock, _InvalidatesFolds
@@ -87,10 +85,7 @@ class CifarResNet(_InvalidatesFolds, nn.Module):
             return self._plain_forward(x)
         if torch.jit.is_tracing():
             return self._plain_forward(x)
-        if isinstance(x, Proxy):  # torch.fx: the check as a graph node, run on the real input
-            x = model_input(x, self.conv1)
-        else:
-            checks.model_input(x, self.conv1)
+        x = model_input(x, self.conv1)  # under torch.fx a graph node (an FX leaf), run on the real input
         if not fusable_relu(self.relu):
             return self._plain_forward(x)
         x = conv_bn_act(self.conv1, self.bn1, x, relu=True)

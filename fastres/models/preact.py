@@ -19,17 +19,15 @@ from torch import Tensor, nn
 from torch.fx import Proxy
 
 from .. import ops
-from ..ops import checks
 from ..ops.checks import model_input
 from ..nn import batch_norm_act, conv_bn_act, fusable_relu
 from ..nn.fused import _no_global_hooks, fusable_bn, fusable_conv
 from .init import init_like_torchvision_
 from .resnet import _InvalidatesFolds
-from .tracing import fused_block, traced_root_is
+from .tracing import traced_block
 
 # FX leaf functions (see tracing.py): under torch.fx.symbolic_trace these calls become graph nodes.
 torch.fx.wrap("batch_norm_act")
-torch.fx.wrap("fused_block")
 torch.fx.wrap("model_input")
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "ResNetV2", "resnet_v2_18", "resnet_v2_34", "resnet_v2_50",
@@ -82,7 +80,7 @@ class PreActBasicBlock(_InvalidatesFolds, nn.Module):
         if torch.jit.is_tracing() or not _fusable(self):
             return self._plain_forward(x)
         if isinstance(x, Proxy):  # torch.fx: the fused unit as one graph node
-            return self._plain_forward(x) if traced_root_is(self, x) else fused_block(self, x)
+            return traced_block(self, x)
         pre = batch_norm_act(self.bn1, x, relu=True)
         shortcut = x if self.downsample is None else self.downsample[0](pre)
         out = conv_bn_act(self.conv1, self.bn2, pre, relu=True)
@@ -119,7 +117,7 @@ class PreActBottleneck(_InvalidatesFolds, nn.Module):
         if torch.jit.is_tracing() or not _fusable(self):
             return self._plain_forward(x)
         if isinstance(x, Proxy):  # torch.fx: the fused unit as one graph node
-            return self._plain_forward(x) if traced_root_is(self, x) else fused_block(self, x)
+            return traced_block(self, x)
         pre = batch_norm_act(self.bn1, x, relu=True)
         shortcut = x if self.downsample is None else self.downsample[0](pre)
         out = conv_bn_act(self.conv1, self.bn2, pre, relu=True)
@@ -170,10 +168,7 @@ class ResNetV2(_InvalidatesFolds, nn.Module):
             return self._plain_forward(x)
         if torch.jit.is_tracing():
             return self._plain_forward(x)
-        if isinstance(x, Proxy):  # torch.fx: the check as a graph node, run on the real input
-            x = model_input(x, self.conv1)
-        else:
-            checks.model_input(x, self.conv1)
+        x = model_input(x, self.conv1)  # under torch.fx a graph node (an FX leaf), run on the real input
         x = self.maxpool(self.conv1(x))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         if fusable_relu(self.relu) and fusable_bn(self.final_bn) and _no_global_hooks():

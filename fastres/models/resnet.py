@@ -21,7 +21,7 @@ from ..nn import (batch_norm_act, bn_prologue, conv_bn_act, conv_bn_stats, folde
 from ..nn.folding import invalidate_all
 from ..nn.fused import _no_global_hooks, has_hooks
 from ..ops import checks, dispatch
-from .tracing import fused_block, traced_root_is
+from .tracing import traced_block
 from .weights import legacy_interface, load_weights, verify_weights
 
 __all__ = [
@@ -41,7 +41,6 @@ def model_input(x: Tensor, conv1: nn.Module, bn1: nn.Module) -> Tensor:
 
 # FX leaf functions (see tracing.py): under torch.fx.symbolic_trace these calls become graph nodes.
 torch.fx.wrap("conv_bn_act")
-torch.fx.wrap("fused_block")
 torch.fx.wrap("model_input")
 
 
@@ -100,7 +99,7 @@ class BasicBlock(_InvalidatesFolds, tv_resnet.BasicBlock):
         if torch.jit.is_tracing() or not fusable_relu(self.relu):
             return self._plain_forward(x)
         if isinstance(x, Proxy):  # torch.fx: the fused block as one graph node
-            return self._plain_forward(x) if traced_root_is(self, x) else fused_block(self, x)
+            return traced_block(self, x)
         pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2)]
         if self.training and norm_conv_chain_applies(pairs, x):
             return _norm_conv_chain(self, pairs, x)
@@ -144,7 +143,7 @@ class Bottleneck(_InvalidatesFolds, tv_resnet.Bottleneck):
         if torch.jit.is_tracing() or not fusable_relu(self.relu):
             return self._plain_forward(x)
         if isinstance(x, Proxy):  # torch.fx: the fused block as one graph node
-            return self._plain_forward(x) if traced_root_is(self, x) else fused_block(self, x)
+            return traced_block(self, x)
         pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
         if self.training and norm_conv_chain_applies(pairs, x):
             return _norm_conv_chain(self, pairs, x)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+import torch
 from torch import Tensor, nn
 
 
@@ -29,6 +30,15 @@ def traced_root_is(module: nn.Module, proxy: Any) -> bool:
     """Whether `module` is the root being traced (a leaf function cannot take the root itself as an
     argument: it has no attribute path in the graph)."""
     return getattr(getattr(proxy, "tracer", None), "root", None) is module
+
+
+def traced_block(block: nn.Module, x: Any) -> Any:
+    """A block's forward under torch.fx (x a Proxy): one fused graph node, or, when the block itself is
+    the traced root, its plain forward module by module."""
+    return block._plain_forward(x) if traced_root_is(block, x) else fused_block(block, x)
+
+
+torch.fx.wrap("fused_block")  # the leaf traced_block emits
 
 
 @contextlib.contextmanager

@@ -96,6 +96,19 @@ def conv_args(x: object, weight: object, stride, padding, dilation, groups) -> t
     return stride, padding, dilation
 
 
+def batch_norm_args(running_mean, running_var, momentum, eps) -> None:
+    """The BatchNorm arguments every training op takes: running buffers as a pair, momentum in [0, 1],
+    eps >= 0 (the buffers' shapes are checked by per_channel)."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+    if (momentum is None or isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+            or not 0 <= momentum <= 1):
+        raise ValueError(f"momentum must be a number in [0, 1] (the module turns momentum=None into 1/num_batches); "
+                         f"got {momentum!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
+
+
 def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int, int, int]:
     n, _, h, w = x.shape
     kh, kw = weight.shape[-2:]

@@ -60,16 +60,9 @@ def batch_norm_act(x, weight, bias, running_mean, running_var, *, training: bool
     checks.per_channel(bias, "bias", channels, x, "x")
     checks.per_channel(running_mean, "running_mean", channels, x, "x")
     checks.per_channel(running_var, "running_var", channels, x, "x")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together or both be None")
+    checks.batch_norm_args(running_mean, running_var, momentum, eps)
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
-    if (momentum is None or isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-            or not 0 <= momentum <= 1):
-        raise ValueError(f"momentum must be a number in [0, 1] (the module turns momentum=None into 1/num_batches); "
-                         f"got {momentum!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
-        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
     if training and x.numel() > 0 and x.numel() // channels <= 1:
         raise ValueError(f"x of shape {tuple(x.shape)} has one value per channel; "
                          "training BatchNorm needs more than one")
@@ -135,14 +128,7 @@ def norm_conv(x, weight, stride=1, padding=0, dilation=1, groups=1, *, scale: Op
     out_channels = weight.shape[0]
     checks.per_channel(running_mean, "running_mean", out_channels, x, "x")
     checks.per_channel(running_var, "running_var", out_channels, x, "x")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together or both be None")
-    if (momentum is None or isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-            or not 0 <= momentum <= 1):
-        raise ValueError(f"momentum must be a number in [0, 1] (the module turns momentum=None into 1/num_batches); "
-                         f"got {momentum!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
-        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
+    checks.batch_norm_args(running_mean, running_var, momentum, eps)
     out_shape = checks.conv_output_shape(x, weight, stride, padding, dilation)
     if out_shape[0] * out_shape[2] * out_shape[3] <= 1:
         raise ValueError(f"the conv output {tuple(out_shape)} has at most one value per channel; "
