@@ -112,6 +112,58 @@ def test_configs_are_candidates(tuning):
     assert set(entry["candidates"]) == {"t_cfg[a]", "t_cfg[b]", "reference"}
 
 
+def test_static_choice_is_kept_unless_beaten_by_the_margin(tuning):
+    # t_static ranks first; t_near is faster by less than the CPU margin, t_far by more
+    margin = tuner.SWITCH_MARGIN["cpu"]
+    tuning("conv2d_act", "t_static", _marked("t_static", _ref_conv), rank=0)
+    tuning("conv2d_act", "t_other", _marked("t_other", _ref_conv))
+    ref = dispatch.reference("conv2d_act")
+    for hw, other, expected in (((9, 11), 3.0 * (1 - margin / 2), "t_static"),
+                                ((7, 13), 3.0 * (1 - 2 * margin), "t_other")):
+        prices = {"t_static": 3.0, "t_other": other, "reference": 9.0}
+        with tuner.use_timer(price_timer(prices)), _patched(ref, _marked("reference", _ref_conv)):
+            _conv(*_conv_operands(hw=hw))
+        entry = _entry()
+        assert entry["source"] == "measured" and entry["choice"] == expected, entry
+        assert entry["candidates"]["t_other"] == pytest.approx(other)
+
+
+@pytest.mark.skipif(not fastres.ops.onednn.INPLACE_AVAILABLE, reason="this torch has no in-place oneDNN conv")
+def test_in_place_residual_is_timed_in_place_on_a_private_copy(tuning, monkeypatch):
+    # A residual this block's fast path made may be overwritten by the next conv (the CPU path's
+    # in-place add). Its trials must time that form, on a copy: the caller's residual must reach
+    # the real call intact.
+    from fastres.ops import onednn
+
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            attr = getattr(torch.ops.mkldnn, name)
+            if name == "_convolution_pointwise_":
+                calls.append("in place")
+            return attr
+
+    monkeypatch.setattr(onednn, "_mkldnn", Spy())
+    g = torch.Generator().manual_seed(3)
+    cl = torch.channels_last
+    x = torch.randn(2, 16, 9, 11, generator=g).to(memory_format=cl)
+    w1 = torch.randn(24, 16, 1, 1, generator=g)
+    w2 = torch.randn(24, 16, 1, 1, generator=g)
+    b = torch.randn(24, generator=g)
+    with torch.no_grad(), dispatch.forward_context(private_activations=True):
+        residual = ops.conv2d_act(x, w1, b, relu=False)  # made here: reusable
+        before = residual.clone()
+        calls.clear()
+        y = ops.conv2d_act(x, w2, b, residual=residual)
+    entry = _entry()
+    assert entry["source"] == "measured" and "onednn" in entry["candidates"], entry
+    assert calls.count("in place") >= 2, calls  # the trials' check and timing, then maybe the real call
+    expected = reference.conv2d_act(x.double(), w2.double(), b.double(), (1, 1), (0, 0), (1, 1), 1,
+                                    before.double(), True)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_wrong_candidate_is_rejected_with_one_warning(tuning):
     tuning("conv2d_act", "t_wrong", _marked("t_wrong", lambda call: _ref_conv(call) * 1.01))
     ref = dispatch.reference("conv2d_act")

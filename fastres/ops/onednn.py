@@ -146,6 +146,16 @@ def _made_here(out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def residual_reusable(residual: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a conv2d_act on x here would write its output over `residual` (the tuner asks)."""
+    return _reusable(residual, x)
+
+
+def reusable_copy(residual: torch.Tensor) -> torch.Tensor:
+    """A private channels_last copy of residual that this block's fast path may overwrite."""
+    return _made_here(residual.detach().clone(memory_format=torch.channels_last))
+
+
 def _reusable(residual: torch.Tensor, x: torch.Tensor) -> bool:
     reusable = getattr(_local, "reusable", None)
     return (reusable is not None and INPLACE_AVAILABLE and reusable.get(id(residual)) is residual
