@@ -80,6 +80,20 @@ bool cudnn_conv_genstats_supported(const at::Tensor& x, const at::Tensor& w, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_genstats(
     const at::Tensor& x, const at::Tensor& w, const OptTensor& scale, const OptTensor& shift, bool prologue_relu,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+bool cudnn_conv_wgrad_supported(const at::Tensor& grad, const at::Tensor& x, at::IntArrayRef weight_size,
+                                const OptTensor& scale, const OptTensor& shift, bool prologue_relu,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups);
+at::Tensor cudnn_conv_wgrad(const at::Tensor& grad, const at::Tensor& x, at::IntArrayRef weight_size,
+                            const OptTensor& scale, const OptTensor& shift, bool prologue_relu, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+bool cudnn_conv_dgrad_drelu_supported(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& x,
+                                      const at::Tensor& scale, const at::Tensor& shift, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cudnn_conv_dgrad_drelu(
+    const at::Tensor& grad, const at::Tensor& w, const at::Tensor& x, const at::Tensor& scale,
+    const at::Tensor& shift, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups);
 std::string cudnn_frontend_version();
 int64_t cudnn_compiled_version();
 #endif

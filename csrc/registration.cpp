@@ -85,6 +85,14 @@ TORCH_LIBRARY(fastres, m) {
         "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)");
   m.def("cudnn_conv_genstats_supported(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, bool prologue_relu, "
         "int[2] stride, int[2] padding, int[2] dilation, int groups) -> bool");
+  m.def("cudnn_conv_wgrad(Tensor grad, Tensor x, int[4] weight_size, Tensor? scale, Tensor? shift, "
+        "bool prologue_relu, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def("cudnn_conv_wgrad_supported(Tensor grad, Tensor x, int[4] weight_size, Tensor? scale, Tensor? shift, "
+        "bool prologue_relu, int[2] stride, int[2] padding, int[2] dilation, int groups) -> bool");
+  m.def("cudnn_conv_dgrad_drelu(Tensor grad, Tensor weight, Tensor x, Tensor scale, Tensor shift, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)");
+  m.def("cudnn_conv_dgrad_drelu_supported(Tensor grad, Tensor weight, Tensor x, Tensor scale, Tensor shift, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups) -> bool");
 }
 
 #define FASTRES_BIND_KERNELS(m, SUFFIX)                                   \
@@ -109,6 +117,10 @@ TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
   m.impl("cudnn_conv_bias_act_supported", &fastres::cudnn_conv_bias_act_supported);
   m.impl("cudnn_conv_genstats", &fastres::cudnn_conv_genstats);
   m.impl("cudnn_conv_genstats_supported", &fastres::cudnn_conv_genstats_supported);
+  m.impl("cudnn_conv_wgrad", &fastres::cudnn_conv_wgrad);
+  m.impl("cudnn_conv_wgrad_supported", &fastres::cudnn_conv_wgrad_supported);
+  m.impl("cudnn_conv_dgrad_drelu", &fastres::cudnn_conv_dgrad_drelu);
+  m.impl("cudnn_conv_dgrad_drelu_supported", &fastres::cudnn_conv_dgrad_drelu_supported);
 #endif
 }
 #endif

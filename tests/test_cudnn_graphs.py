@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fastres
-from fastres.ops import compiled, dispatch, implementations  # noqa: F401  (fills the table)
+from fastres.ops import compiled, dispatch, implementations, reference  # noqa: F401  (fills the table)
 
 from helpers import LAYOUTS, TOLERANCE, randn as _randn
 from reference_math import assert_close
@@ -37,6 +37,12 @@ SCHEMAS = {
     "cudnn_conv_genstats": "fastres::cudnn_conv_genstats(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, "
                            "bool prologue_relu, int[2] stride, int[2] padding, int[2] dilation, int groups) -> "
                            "(Tensor, Tensor, Tensor)",
+    "cudnn_conv_wgrad": "fastres::cudnn_conv_wgrad(Tensor grad, Tensor x, int[4] weight_size, Tensor? scale, "
+                        "Tensor? shift, bool prologue_relu, int[2] stride, int[2] padding, int[2] dilation, "
+                        "int groups) -> Tensor",
+    "cudnn_conv_dgrad_drelu": "fastres::cudnn_conv_dgrad_drelu(Tensor grad, Tensor weight, Tensor x, Tensor scale, "
+                              "Tensor shift, int[2] stride, int[2] padding, int[2] dilation, int groups) -> "
+                              "(Tensor, Tensor, Tensor)",
     "batch_norm_finalize": "fastres::batch_norm_finalize(Tensor sum, Tensor sqsum, int count, Tensor? weight, "
                            "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
                            "float eps) -> (Tensor, Tensor, Tensor, Tensor)",
@@ -102,6 +108,13 @@ def test_fake_implementations_on_meta_tensors(layout):
     outs = FR.batch_norm_finalize(torch.empty(40, device="meta"), torch.empty(40, device="meta"), 100, None, None,
                                   None, None, 0.1, 1e-5)
     assert [o.shape for o in outs] == [(40,)] * 4
+    dy = torch.empty(3, 40, 7, 9, device="meta").contiguous(memory_format=LAYOUTS[layout])
+    scale, shift = torch.empty(24, device="meta"), torch.empty(24, device="meta")
+    dw = FR.cudnn_conv_wgrad(dy, x, [40, 24, 3, 3], scale, shift, True, [2, 2], [1, 1], [1, 1], 1)
+    assert dw.shape == (40, 24, 3, 3) and dw.dtype == x.dtype
+    gz, dscale, dshift = FR.cudnn_conv_dgrad_drelu(dy, w, x, scale, shift, [2, 2], [1, 1], [1, 1], 1)
+    assert gz.shape == x.shape and gz.is_contiguous(memory_format=LAYOUTS[layout])
+    assert dscale.shape == dshift.shape == (24,) and dscale.dtype == dshift.dtype == torch.float32
 
 
 def _finalize_reference(x, weight, bias, rm, rv, momentum, eps):
@@ -316,6 +329,88 @@ def test_conv_genstats_matches_float64(name, layout, dtype, prologue, no_tf32):
     # The sums are of y as computed in fp32 (before rounding): compare with the io dtype's tolerance.
     assert_close(s, expected.sum((0, 2, 3)), dtype, "sum")
     assert_close(q, expected.square().sum((0, 2, 3)), dtype, "sum of squares")
+
+
+def _prologue_case(name, dtype, layout, relu=True):
+    """x, w, dy, scale, shift, stride, padding of a NormConv backward at SHAPES[name]."""
+    x, w, _, res, stride, padding = _conv_case(name, dtype, layout)
+    c = x.shape[1]
+    scale = _randn(c, device="cuda", seed=7).abs_().add_(0.5)
+    shift = _randn(c, device="cuda", seed=8)
+    dy = _randn(*res.shape, dtype=dtype, device="cuda", layout=layout, seed=9)
+    return x, w, dy, scale, shift, stride, padding
+
+
+def _pre_activation64(x, scale, shift):
+    return x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+
+
+@gpu
+@pytest.mark.parametrize("name", ["resnet3x3", "resnet3x3_s2", "resnet1x1", "odd13x17_b3", "odd_c20_b1"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prologue", ["none", "affine", "relu"])
+def test_conv_wgrad_matches_float64(name, layout, dtype, prologue, no_tf32):
+    x, w, dy, scale, shift, stride, padding = _prologue_case(name, dtype, layout)
+    if prologue == "none":
+        scale = shift = None
+    args = (dy, x, list(w.shape), scale, shift, prologue == "relu", stride, padding, [1, 1], 1)
+    if not FR.cudnn_conv_wgrad_supported(*args):
+        pytest.skip("no engine (the backward falls back to torch's wgrad for this layer)")
+    dw = FR.cudnn_conv_wgrad(*args)
+    a = x.double() if scale is None else _pre_activation64(x, scale, shift)
+    if prologue == "relu":
+        a = torch.relu(a)
+    expected = torch.ops.aten.convolution_backward(dy.double(), a, w.double(), None, stride, padding, [1, 1], False,
+                                                   [0, 0], 1, [False, True, False])[1]
+    assert dw.shape == w.shape and dw.dtype == dtype
+    assert_close(dw, expected, dtype, "dw")
+
+
+@gpu
+@pytest.mark.parametrize("name", ["resnet3x3", "resnet3x3_s2", "resnet1x1", "odd13x17_b3", "odd_c20_b1"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_dgrad_drelu_matches_float64(name, layout, dtype, no_tf32):
+    x, w, dy, scale, shift, stride, padding = _prologue_case(name, dtype, layout)
+    args = (dy, w, x, scale, shift, stride, padding, [1, 1], 1)
+    if not FR.cudnn_conv_dgrad_drelu_supported(*args):
+        if name in ("resnet3x3", "resnet1x1") and dtype == torch.float16 and layout == "channels_last":
+            pytest.fail("cuDNN built no dgrad + dReLU + dBN-weight graph for a ResNet shape in float16 "
+                        "channels_last (cuDNN >= 9.8 has the pattern on Ampere and Hopper)")
+        pytest.skip("no engine (the backward falls back to torch for this layer)")
+    gz, dscale, dshift = FR.cudnn_conv_dgrad_drelu(*args)
+    pre = _pre_activation64(x, scale, shift)
+    da = torch.ops.aten.convolution_backward(dy.double(), torch.relu(pre), w.double(), None, stride, padding,
+                                             [1, 1], False, [0, 0], 1, [True, False, False])[0]
+    expected = torch.where(pre > 0, da, 0.0)
+    assert gz.dtype == dtype and gz.is_contiguous(memory_format=LAYOUTS[layout])
+    assert_close(gz, expected, dtype, "gz")
+    assert_close(dscale, (expected * x.double()).sum((0, 2, 3)), dtype, "sum(gz * x)")
+    assert_close(dshift, expected.sum((0, 2, 3)), dtype, "sum(gz)")
+
+
+@gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cudnn_norm_conv_gradients_match_float64(layout, dtype, no_tf32):
+    """The whole cuDNN NormConv op (forward genstats graph, backward wgrad + dgrad/dReLU graphs)
+    against the float64 reference, every input's gradient, through the (mean, var) outputs too."""
+    from fastres.ops import registry
+
+    x, w, dy, scale, shift, stride, padding = _prologue_case("resnet3x3", dtype, layout)
+    if not FR.cudnn_conv_genstats_supported(x, w, scale, shift, True, stride, padding, [1, 1], 1):
+        pytest.fail("no genstats graph for the ResNet 3x3")
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, scale, shift)]
+    y, mean, var = registry.CUDNN_NORM_CONV(*leaves, True, stride, padding, [1, 1], 1)
+    gm, gv = _randn(*mean.shape, device="cuda", seed=11), _randn(*var.shape, device="cuda", seed=12)
+    torch.autograd.backward([y, mean, var], [dy, gm, gv])
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, scale, shift)]
+    y64, mean64, var64 = reference.norm_conv_stats(*leaves64[:2], leaves64[2], leaves64[3], True, stride, padding,
+                                                   [1, 1], 1)
+    torch.autograd.backward([y64, mean64, var64], [dy.double(), gm.double(), gv.double()])
+    for got, want, what in zip(leaves, leaves64, ("x", "weight", "scale", "shift")):
+        assert_close(got.grad, want.grad, dtype, f"d{what}")
 
 
 @gpu

@@ -29,7 +29,11 @@ def test_dry_run_every_stage_passes(tmp_path):
     assert correctness["done_cases"] == correctness["planned_cases"] > 0
     statuses = {row["status"] for row in correctness["rows"]}
     assert "passed" in statuses and "failed" not in statuses
-    assert {row["op"] for row in correctness["rows"]} >= {"conv2d_act", "batch_norm_act"}
+    assert {row["op"] for row in correctness["rows"]} >= {"conv2d_act", "batch_norm_act", "norm_conv"}
+    # NormConv's backward is checked too (the cuDNN wgrad / dgrad graphs have run nowhere else)
+    graded = [r for r in correctness["rows"] if r["op"] == "norm_conv" and r["status"] == "passed"]
+    assert any("grad_error" in r for r in graded), graded
+    assert all(0 <= r["grad_error"] <= r["tolerance"] for r in graded if "grad_error" in r)
     assert record["stages"]["tuner"]["results"]["report"], "the tuner chose nothing for a whole model"
     cases = record["stages"]["models"]["results"]["cases"]
     assert {c["impl"] for c in cases} >= {"fastres", "torchvision eager"}

@@ -234,6 +234,12 @@ def _calls(shape: dict, batch: int, device, dtype, fmt, nan: bool):
     base = dict(x=x, weight=weight, bias=bias, stride=(s, s), padding=(pd, pd), dilation=(d, d), groups=g,
                 residual=None, relu=True)
     yield "conv2d_act", "relu", Call("conv2d_act", base)
+    if g == 1:  # NormConv training: the previous BN's scale/shift + ReLU as this conv's prologue
+        yield "norm_conv", "prologue", Call("norm_conv", dict(
+            x=x, weight=weight, scale=torch.rand(C, device=device) + 0.5, shift=torch.randn(C, device=device) * 0.1,
+            relu=True, stride=(s, s), padding=(pd, pd), dilation=(d, d), groups=g,
+            running_mean=torch.zeros(K, device=device), running_var=torch.ones(K, device=device), momentum=0.1,
+            eps=1e-5))
     residual = _rand((N, K, Ho, Wo), device, dtype, fmt) if shape.get("residual") else None
     if residual is not None:
         yield "conv2d_act", "residual+relu", Call("conv2d_act", dict(base, residual=residual))
@@ -271,13 +277,17 @@ def _check_call(op: str, variant: str, call, row_base: dict) -> List[dict]:
             trial = tuner._trial_call(call)
             with torch.no_grad():
                 out = impl.run(trial, "")
-            err = tuner.relative_error(out, expected)
+            err = tuner._outputs_error(out, expected)
             row["error"] = err
-            if op in dispatch.MUTATED and call.args.get("training"):
+            if op in dispatch.MUTATED and (op == "norm_conv" or call.args.get("training")):
                 row["buffers_error"] = tuner._buffers_error(trial, ref_call)
                 err = max(err, row["buffers_error"])
-            row["status"] = "passed" if err <= tol else "failed"
             del out
+            if op == "norm_conv" and not row_base.get("nan") and row_base.get("batch", 0) <= 3:
+                # the backward (cuDNN's wgrad / dgrad + dReLU graphs, Triton's) has run nowhere else
+                row["grad_error"] = _norm_conv_grad_error(impl, call)
+                err = max(err, row["grad_error"])
+            row["status"] = "passed" if err <= tol else "failed"
         except StageTimeout:
             raise
         except Exception as error:
@@ -285,6 +295,31 @@ def _check_call(op: str, variant: str, call, row_base: dict) -> List[dict]:
             row["reason"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         rows.append(row)
     return rows
+
+
+NORM_CONV_LEAVES = ("x", "weight", "scale", "shift")
+
+
+def _norm_conv_grads(run, call):
+    """Gradients of NORM_CONV_LEAVES for fixed random cotangents of (y, mean, invstd)."""
+    from ..ops import tuner
+
+    leaves = {n: call.args[n].detach().clone().requires_grad_() for n in NORM_CONV_LEAVES}
+    trial = tuner._trial_call(call.replace(**leaves))
+    with torch.enable_grad():
+        outs = run(trial)
+        gen = torch.Generator(device=outs[0].device).manual_seed(0)
+        cotangents = [torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float64) for o in outs]
+        torch.autograd.backward([o.double() for o in outs], cotangents)
+    return [leaves[n].grad for n in NORM_CONV_LEAVES]
+
+
+def _norm_conv_grad_error(impl, call) -> float:
+    from ..ops import dispatch, tuner
+
+    expected = _norm_conv_grads(lambda c: dispatch.reference("norm_conv").run(c, ""), tuner._float64_call(call))
+    got = _norm_conv_grads(lambda c: impl.run(c, ""), call)
+    return max(tuner.relative_error(a, b) for a, b in zip(got, expected))
 
 
 def stage_correctness(stage: Stage) -> None:
@@ -578,6 +613,8 @@ def markdown(record: dict) -> str:
             err = _fmt(r.get("error"))
             if r.get("buffers_error") is not None:
                 err += f" (buffers {_fmt(r['buffers_error'])})"
+            if r.get("grad_error") is not None:
+                err += f" (gradients {_fmt(r['grad_error'])})"
             lines.append(f"| {r['op']} | {r.get('variant', '')} | {r['shape']} | {r['batch']} | {r['dtype']} | "
                          f"{r['layout']} | {'yes' if r.get('nan') else ''} | {r['impl']} | {r['status']} | {err} | "
                          f"{_fmt(r.get('tolerance'))} | {r.get('reason', '')} |")

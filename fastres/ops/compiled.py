@@ -102,6 +102,28 @@ def cudnn_conv_bn_stats(x, weight, stride, padding, dilation, groups, prologue=N
     return torch.ops.fastres.cudnn_conv_genstats(*args)
 
 
+def cudnn_norm_conv_wgrad(grad, x, weight, scale, shift, relu, stride, padding, dilation, groups):
+    """NormConv backward, weight gradient: wgrad(grad, relu?(x * scale + shift)) with the prologue
+    recomputed from the saved raw x inside cuDNN's kernel (relu(bn(x)) is never materialised).
+    None where cuDNN has no engine for it."""
+    args = (grad, x, list(weight.shape), scale, shift, relu, list(stride), list(padding), list(dilation), groups)
+    if not (x.device.type == "cuda" and cudnn_graphs_built()) or not torch.ops.fastres.cudnn_conv_wgrad_supported(
+            *args):
+        return None
+    return torch.ops.fastres.cudnn_conv_wgrad(*args)
+
+
+def cudnn_norm_conv_dgrad_drelu(grad, x, weight, scale, shift, stride, padding, dilation, groups):
+    """NormConv backward through its ReLU prologue: (gz, sum(gz * x), sum(gz)) with gz = dgrad(grad, W)
+    masked where x * scale + shift <= 0, one cuDNN kernel (dgrad + dReLU + the per-channel sums).
+    None where cuDNN has no engine for it."""
+    args = (grad, weight, x, scale.float(), shift.float(), list(stride), list(padding), list(dilation), groups)
+    if not (x.device.type == "cuda" and cudnn_graphs_built()) or \
+            not torch.ops.fastres.cudnn_conv_dgrad_drelu_supported(*args):
+        return None
+    return torch.ops.fastres.cudnn_conv_dgrad_drelu(*args)
+
+
 def batch_norm_finalize(sum, sqsum, count, weight, bias, running_mean, running_var, momentum, eps):
     """(mean, invstd, scale, shift) from genstats' sums; running buffers updated in place."""
     return torch.ops.fastres.batch_norm_finalize(sum, sqsum, count, weight, bias, running_mean, running_var,

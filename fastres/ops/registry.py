@@ -206,9 +206,27 @@ def _norm_conv_backward(ctx, gy, gmean, gvar):
     needs = ctx.needs_input_grad
     g = norm_conv_output_grad(gy, gmean, gvar, y, mean)
     has_prologue = scale is not None
-    a = reference.prologue(x, scale, shift, ctx.relu) if has_prologue else x  # recomputed, not saved
     need_da = needs[0] or (has_prologue and (needs[2] or needs[3]))
-    da, dw = _conv_grads(g, a, weight, stride, padding, dilation, groups, need_da, needs[1])
+    dw = fused = None
+    if getattr(ctx, "cudnn_graphs", False):  # cuDNN's fused backward graphs, per part where it has one
+        from . import compiled
+        if needs[1]:
+            dw = compiled.cudnn_norm_conv_wgrad(g, x, weight, scale, shift, ctx.relu, stride, padding, dilation,
+                                                groups)
+        if has_prologue and ctx.relu and need_da:
+            fused = compiled.cudnn_norm_conv_dgrad_drelu(g, x, weight, scale, shift, stride, padding, dilation,
+                                                         groups)
+    if fused is not None:
+        gz, dscale, dshift = fused
+        if dw is None and needs[1]:
+            dw = _conv_grads(g, reference.prologue(x, scale, shift, ctx.relu), weight, stride, padding, dilation,
+                             groups, False, True)[1]
+        dx = (gz.float() * scale.float().reshape(1, -1, 1, 1)).to(x.dtype) if needs[0] else None
+        return (dx, dw, dscale.to(scale.dtype) if needs[2] else None, dshift.to(shift.dtype) if needs[3] else None,
+                None, None, None, None, None, None)
+    a = reference.prologue(x, scale, shift, ctx.relu) if has_prologue and (need_da or dw is None) else x
+    da, dw_plain = _conv_grads(g, a, weight, stride, padding, dilation, groups, need_da, needs[1] and dw is None)
+    dw = dw if dw is not None else dw_plain
     if not has_prologue:
         return da, dw, None, None, None, None, None, None, None, None
     dx = dscale = dshift = None
@@ -238,12 +256,19 @@ def _cudnn_norm_conv_impl(x, weight, scale, shift, relu, stride, padding, dilati
     return y, mean.float(), var.float()
 
 
+def _cudnn_norm_conv_setup(ctx, inputs, output):
+    _norm_conv_setup(ctx, inputs, output)
+    ctx.cudnn_graphs = True  # the backward tries cuDNN's wgrad and dgrad + dReLU + dBN-weight graphs
+
+
 def _register_cudnn_norm_conv():
-    """The cuDNN-graph twin of triton_norm_conv (fastres._C's cudnn_conv_genstats), same autograd."""
+    """The cuDNN-graph twin of triton_norm_conv (fastres._C's cudnn_conv_genstats): the same autograd
+    formula, its weight gradient and its gradient through the prologue's ReLU as cuDNN graphs where
+    cuDNN has them (cudnn_conv_wgrad, cudnn_conv_dgrad_drelu), the torch formula part by part elsewhere."""
     op = torch.library.custom_op(f"{LIB}::cudnn_norm_conv", mutates_args=())(_cudnn_norm_conv_op)
     op.register_fake(lambda x, weight, scale, shift, relu, stride, padding, dilation, groups:
                      _fake_norm_conv(x, weight, stride, padding, dilation))
-    op.register_autograd(_norm_conv_backward, setup_context=_norm_conv_setup)
+    op.register_autograd(_norm_conv_backward, setup_context=_cudnn_norm_conv_setup)
     return op
 
 
@@ -418,6 +443,9 @@ def register_compiled_ops() -> None:
     # fake tensor can answer: they have no fake implementation (call them outside tracing).
     torch.library.register_fake(f"{LIB}::cudnn_conv_bias_act", _fake_cudnn_conv_bias_act)
     torch.library.register_fake(f"{LIB}::cudnn_conv_genstats", _fake_cudnn_conv_genstats)
+    if hasattr(ops, "cudnn_conv_wgrad"):  # (a stale build without the backward graphs has no schema)
+        torch.library.register_fake(f"{LIB}::cudnn_conv_wgrad", _fake_cudnn_conv_wgrad)
+        torch.library.register_fake(f"{LIB}::cudnn_conv_dgrad_drelu", _fake_cudnn_conv_dgrad_drelu)
     torch.library.register_fake(f"{LIB}::batch_norm_finalize", _fake_batch_norm_finalize)
     if CUDNN_NORM_CONV is None:
         CUDNN_NORM_CONV = _register_cudnn_norm_conv()
@@ -431,6 +459,15 @@ def _fake_cudnn_conv_genstats(x, weight, scale, shift, prologue_relu, stride, pa
     y = _empty_like_format(x, _conv_shape(x, weight, stride, padding, dilation))
     stats = x.new_empty((weight.shape[0],), dtype=torch.float32)
     return y, stats, torch.empty_like(stats)
+
+
+def _fake_cudnn_conv_wgrad(grad, x, weight_size, scale, shift, prologue_relu, stride, padding, dilation, groups):
+    return _empty_like_format(x, tuple(weight_size))
+
+
+def _fake_cudnn_conv_dgrad_drelu(grad, weight, x, scale, shift, stride, padding, dilation, groups):
+    sums = x.new_empty((x.shape[1],), dtype=torch.float32)
+    return _empty_like_format(x, tuple(x.shape)), sums, torch.empty_like(sums)
 
 
 def _fake_batch_norm_finalize(sum, sqsum, count, weight, bias, running_mean, running_var, momentum, eps):
