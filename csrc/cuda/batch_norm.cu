@@ -43,6 +43,45 @@ Chunking chunking(const Layout& lay) {
   return {rows, (lay.rows() + rows - 1) / rows};
 }
 
+// The statistics-style kernels: blocks of kChannelsPerBlock x kRowThreads threads, one row chunk by
+// kChannelsPerBlock * V channels each, V channels per thread (a 128-bit vector, or 1).
+inline dim3 chunk_grid(const Chunking& ch, int64_t channels, int v) {
+  const int64_t per_block = kChannelsPerBlock * v;
+  return dim3(static_cast<unsigned>(ch.chunks), static_cast<unsigned>((channels + per_block - 1) / per_block));
+}
+
+// launch(std::integral_constant<int, V>{}) with V = scalar_t's 128-bit vector width where `vectorize`
+// (channels_last rows whose pointers and channel count allow it), else V = 1.
+template <typename scalar_t, typename Launch>
+void launch_by_vector_width(bool vectorize, Launch&& launch) {
+  if (vectorize) {
+    launch(std::integral_constant<int, cuda::vec_size<scalar_t>()>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+}
+
+// The elementwise kernels: launch(width, index) with the vector width as above and the index type
+// (uint32_t where n elements fit 32 bits, else int64_t).
+template <typename scalar_t, typename Launch>
+void launch_by_width_and_index(bool vectorize, int64_t n, Launch&& launch) {
+  launch_by_vector_width<scalar_t>(vectorize, [&](auto vec) {
+    if (cuda::fits_32bit(n)) {
+      launch(vec, uint32_t{});
+    } else {
+      launch(vec, int64_t{});
+    }
+  });
+}
+
+// Shared memory for `arrays` per-channel arrays of A staged once per block; 0 where they do not fit
+// (the kernel then reads them from global memory).
+template <typename A>
+size_t staged_bytes(int64_t channels, int arrays) {
+  const int64_t bytes = arrays * channels * static_cast<int64_t>(sizeof(A));
+  return bytes <= cuda::kStagingBytes ? static_cast<size_t>(bytes) : 0;
+}
+
 // Chan et al.: merge (n_b, mean_b, m2_b) into (n, mean, m2).
 template <typename A>
 __device__ __forceinline__ void chan_merge(A& n, A& mean, A& m2, A n_b, A mean_b, A m2_b) {
@@ -344,21 +383,15 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_stats_cuda(const at::Tensor& x
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_bn_stats_cuda", [&] {
     using A = acc_t<scalar_t>;
-    constexpr int VEC = cuda::vec_size<scalar_t>();
-    auto launch_stats = [&](auto vec) {
+    const bool vectorize = lay.channels_last && cuda::can_vectorize<scalar_t>(lay.c, {x.const_data_ptr()});
+    launch_by_vector_width<scalar_t>(vectorize, [&](auto vec) {
       constexpr int V = decltype(vec)::value;
-      const int64_t per_block = kChannelsPerBlock * V;
-      const dim3 grid(static_cast<unsigned>(ch.chunks), static_cast<unsigned>((lay.c + per_block - 1) / per_block));
-      batch_norm_act_stats_kernel<scalar_t, A, V><<<grid, dim3(kChannelsPerBlock, kRowThreads), 0, stream>>>(
+      batch_norm_act_stats_kernel<scalar_t, A, V><<<chunk_grid(ch, lay.c, V), dim3(kChannelsPerBlock, kRowThreads),
+                                                    0, stream>>>(
           x.const_data_ptr<scalar_t>(), part.mutable_data_ptr<A>(), lay.rows(), lay.c, lay.l, lay.channels_last,
           ch.rows_per_chunk, ch.chunks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (lay.channels_last && cuda::can_vectorize<scalar_t>(lay.c, {x.const_data_ptr()})) {
-      launch_stats(std::integral_constant<int, VEC>{});
-    } else {
-      launch_stats(std::integral_constant<int, 1>{});
-    }
+    });
     const at::ScalarType running_type = update ? running_mean->scalar_type() : x.scalar_type();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_type, "fastres_bn_finalize_cuda", [&] {
       batch_norm_act_finalize_kernel<A, scalar_t><<<cuda::blocks_for(lay.c, 128), 128, 0, stream>>>(
@@ -391,14 +424,13 @@ at::Tensor batch_norm_act_apply_cuda(const at::Tensor& x_in, const OptTensor& we
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastres_bn_apply_cuda", [&] {
     using A = acc_t<scalar_t>;
-    constexpr int VEC = cuda::vec_size<scalar_t>();
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pr = has_residual ? res.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
     const A* s = scale.const_data_ptr<A>();
     const A* t = shift.const_data_ptr<A>();
-    const bool stage = 2 * lay.c * static_cast<int64_t>(sizeof(A)) <= cuda::kStagingBytes;
-    const size_t smem = stage ? 2 * lay.c * sizeof(A) : 0;
+    const size_t smem = staged_bytes<A>(lay.c, 2);  // scale, shift
+    const bool stage = smem > 0;
     auto launch = [&](auto vec, auto index) {
       constexpr int V = decltype(vec)::value;
       using I = decltype(index);
@@ -406,12 +438,7 @@ at::Tensor batch_norm_act_apply_cuda(const at::Tensor& x_in, const OptTensor& we
           px, pr, py, s, t, static_cast<I>(n), static_cast<I>(lay.c), static_cast<I>(lay.l), lay.channels_last, relu,
           stage);
     };
-    const bool vec = cuda::can_vectorize<scalar_t>(n, {px, pr, py});
-    if (cuda::fits_32bit(n)) {
-      vec ? launch(std::integral_constant<int, VEC>{}, uint32_t{}) : launch(std::integral_constant<int, 1>{}, uint32_t{});
-    } else {
-      vec ? launch(std::integral_constant<int, VEC>{}, int64_t{}) : launch(std::integral_constant<int, 1>{}, int64_t{});
-    }
+    launch_by_width_and_index<scalar_t>(cuda::can_vectorize<scalar_t>(n, {px, pr, py}), n, launch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
@@ -440,35 +467,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
     if (training || need_param_grads) {
       const Chunking ch = chunking(lay);
       at::Tensor part = at::empty({2, ch.chunks, lay.c}, opts);
-      constexpr int PV = cuda::vec_size<scalar_t>();
-      auto launch_partial = [&](auto vec) {
+      const bool vectorize = lay.channels_last && cuda::can_vectorize<scalar_t>(
+                                                      lay.c, {grad.const_data_ptr(), y.const_data_ptr(),
+                                                              x.const_data_ptr()});
+      launch_by_vector_width<scalar_t>(vectorize, [&](auto vec) {
         constexpr int V = decltype(vec)::value;
-        const int64_t per_block = kChannelsPerBlock * V;
-        const dim3 grid(static_cast<unsigned>(ch.chunks), static_cast<unsigned>((lay.c + per_block - 1) / per_block));
-        batch_norm_act_backward_reduce_kernel<scalar_t, A, V><<<grid, dim3(kChannelsPerBlock, kRowThreads), 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-            mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), part.mutable_data_ptr<A>(), lay.rows(), lay.c,
-            lay.l, lay.channels_last, relu, ch.rows_per_chunk, ch.chunks);
+        batch_norm_act_backward_reduce_kernel<scalar_t, A, V>
+            <<<chunk_grid(ch, lay.c, V), dim3(kChannelsPerBlock, kRowThreads), 0, stream>>>(
+                grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), part.mutable_data_ptr<A>(), lay.rows(), lay.c,
+                lay.l, lay.channels_last, relu, ch.rows_per_chunk, ch.chunks);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (lay.channels_last && cuda::can_vectorize<scalar_t>(
-                                   lay.c, {grad.const_data_ptr(), y.const_data_ptr(), x.const_data_ptr()})) {
-        launch_partial(std::integral_constant<int, PV>{});
-      } else {
-        launch_partial(std::integral_constant<int, 1>{});
-      }
+      });
       batch_norm_act_backward_finalize_kernel<A><<<cuda::blocks_for(lay.c, 128), 128, 0, stream>>>(
           part.const_data_ptr<A>(), ch.chunks, lay.c, sum_g.mutable_data_ptr<A>(), sum_gx.mutable_data_ptr<A>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    constexpr int VEC = cuda::vec_size<scalar_t>();
     const scalar_t* pdy = grad.const_data_ptr<scalar_t>();
     const scalar_t* py = y.const_data_ptr<scalar_t>();
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
     scalar_t* pdres = need_residual_grad ? dres.mutable_data_ptr<scalar_t>() : nullptr;
-    const bool stage = 5 * lay.c * static_cast<int64_t>(sizeof(A)) <= cuda::kStagingBytes;
-    const size_t smem = stage ? 5 * lay.c * sizeof(A) : 0;
+    const size_t smem = staged_bytes<A>(lay.c, 5);  // mean, invstd, scale, sum_g, sum_gx
+    const bool stage = smem > 0;
     auto launch = [&](auto vec, auto index) {
       constexpr int V = decltype(vec)::value;
       using I = decltype(index);
@@ -478,12 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
           static_cast<I>(lay.c), static_cast<I>(lay.l), lay.channels_last, relu, training, stage);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    const bool vec = cuda::can_vectorize<scalar_t>(n, {pdy, py, px, pdx, pdres});
-    if (cuda::fits_32bit(n)) {
-      vec ? launch(std::integral_constant<int, VEC>{}, uint32_t{}) : launch(std::integral_constant<int, 1>{}, uint32_t{});
-    } else {
-      vec ? launch(std::integral_constant<int, VEC>{}, int64_t{}) : launch(std::integral_constant<int, 1>{}, int64_t{});
-    }
+    launch_by_width_and_index<scalar_t>(cuda::can_vectorize<scalar_t>(n, {pdy, py, px, pdx, pdres}), n, launch);
   });
   return {dx, dres, sum_gx, sum_g};
 }

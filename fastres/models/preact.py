@@ -12,11 +12,10 @@ Keys: conv1, layerN.k.{bn1, conv1, bn2, conv2[, bn3, conv3], downsample.0}, fina
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Type, Union
+from typing import Any, List, Optional, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
-from torch.fx import Proxy
 
 from .. import ops
 from ..ops.checks import model_input
@@ -24,7 +23,7 @@ from ..nn import batch_norm_act, conv_bn_act, fusable_relu
 from ..nn.fused import _no_global_hooks, fusable_bn, fusable_conv
 from .init import init_like_torchvision_
 from .resnet import _InvalidatesFolds
-from .tracing import traced_block
+from .tracing import unfused_forward
 
 # FX leaf functions (see tracing.py): under torch.fx.symbolic_trace these calls become graph nodes.
 torch.fx.wrap("batch_norm_act")
@@ -61,7 +60,38 @@ def _conv_add(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
                           residual=residual, relu=False)
 
 
-class PreActBasicBlock(_InvalidatesFolds, nn.Module):
+class _PreActUnit(_InvalidatesFolds, nn.Module):
+    """What both units share: the forward (pre-activation, shortcut, inner conv -> BN -> ReLU stages,
+    the last conv adding the shortcut) and the plain path's head."""
+
+    def _stages(self):
+        """([(conv, bn of its output)] of the inner stages, the last conv)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._plain_forward(x)
+        other = unfused_forward(self, x, _fusable(self))
+        if other is not None:
+            return other
+        pre = batch_norm_act(self.bn1, x, relu=True)
+        shortcut = x if self.downsample is None else self.downsample[0](pre)
+        inner, last = self._stages()
+        out = pre
+        for conv, bn in inner:
+            out = conv_bn_act(conv, bn, out, relu=True)
+        return _conv_add(last, out, shortcut)
+
+    def _plain_head(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """(relu(bn2(conv1(relu(bn1(x))))), the shortcut), module by module."""
+        pre = self.relu(self.bn1(x))
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(pre)
+        return self.relu(self.bn2(self.conv1(pre))), shortcut
+
+
+class PreActBasicBlock(_PreActUnit):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None) -> None:
@@ -74,29 +104,16 @@ class PreActBasicBlock(_InvalidatesFolds, nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():  # TorchScript compiles this branch only
-            return self._plain_forward(x)
-        if torch.jit.is_tracing() or not _fusable(self):
-            return self._plain_forward(x)
-        if isinstance(x, Proxy):  # torch.fx: the fused unit as one graph node
-            return traced_block(self, x)
-        pre = batch_norm_act(self.bn1, x, relu=True)
-        shortcut = x if self.downsample is None else self.downsample[0](pre)
-        out = conv_bn_act(self.conv1, self.bn2, pre, relu=True)
-        return _conv_add(self.conv2, out, shortcut)
+    def _stages(self):
+        return [(self.conv1, self.bn2)], self.conv2
 
     def _plain_forward(self, x: Tensor) -> Tensor:
         """Module by module (TorchScript, jit.trace, units the fused path cannot honour)."""
-        pre = self.relu(self.bn1(x))
-        shortcut = x
-        if self.downsample is not None:
-            shortcut = self.downsample(pre)
-        out = self.relu(self.bn2(self.conv1(pre)))
+        out, shortcut = self._plain_head(x)
         return self.conv2(out) + shortcut
 
 
-class PreActBottleneck(_InvalidatesFolds, nn.Module):
+class PreActBottleneck(_PreActUnit):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None) -> None:
@@ -111,26 +128,12 @@ class PreActBottleneck(_InvalidatesFolds, nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():  # TorchScript compiles this branch only
-            return self._plain_forward(x)
-        if torch.jit.is_tracing() or not _fusable(self):
-            return self._plain_forward(x)
-        if isinstance(x, Proxy):  # torch.fx: the fused unit as one graph node
-            return traced_block(self, x)
-        pre = batch_norm_act(self.bn1, x, relu=True)
-        shortcut = x if self.downsample is None else self.downsample[0](pre)
-        out = conv_bn_act(self.conv1, self.bn2, pre, relu=True)
-        out = conv_bn_act(self.conv2, self.bn3, out, relu=True)
-        return _conv_add(self.conv3, out, shortcut)
+    def _stages(self):
+        return [(self.conv1, self.bn2), (self.conv2, self.bn3)], self.conv3
 
     def _plain_forward(self, x: Tensor) -> Tensor:
         """Module by module (TorchScript, jit.trace, units the fused path cannot honour)."""
-        pre = self.relu(self.bn1(x))
-        shortcut = x
-        if self.downsample is not None:
-            shortcut = self.downsample(pre)
-        out = self.relu(self.bn2(self.conv1(pre)))
+        out, shortcut = self._plain_head(x)
         out = self.relu(self.bn3(self.conv2(out)))
         return self.conv3(out) + shortcut
 

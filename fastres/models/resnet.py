@@ -21,7 +21,7 @@ from ..nn import (batch_norm_act, bn_prologue, conv_bn_act, conv_bn_stats, folde
 from ..nn.folding import invalidate_all
 from ..nn.fused import _no_global_hooks, has_hooks
 from ..ops import checks, dispatch
-from .tracing import traced_block
+from .tracing import unfused_forward
 from .weights import legacy_interface, load_weights, verify_weights
 
 __all__ = [
@@ -89,6 +89,18 @@ def _norm_conv_chain(block, pairs, x: Tensor) -> Tensor:
     return batch_norm_act(previous, y, residual=_shortcut(block, x), relu=True)
 
 
+def _block_forward(block, x: Tensor, pairs) -> Tensor:
+    """A v1 block's forward after TorchScript's branch: the plain or traced forward where that is what
+    runs (tracing.unfused_forward), the NormConv chain in training where a fast norm_conv covers it,
+    else the block's phase-A fused forward."""
+    other = unfused_forward(block, x, fusable_relu(block.relu))
+    if other is not None:
+        return other
+    if block.training and norm_conv_chain_applies(pairs, x):
+        return _norm_conv_chain(block, pairs, x)
+    return block._fused_forward(x)
+
+
 class BasicBlock(_InvalidatesFolds, tv_resnet.BasicBlock):
     """torchvision's BasicBlock; forward = two fused conv+BN(+add)+ReLU (in training, where a fast
     norm_conv covers it, the NormConv chain)."""
@@ -96,13 +108,9 @@ class BasicBlock(_InvalidatesFolds, tv_resnet.BasicBlock):
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch only
             return self._plain_forward(x)
-        if torch.jit.is_tracing() or not fusable_relu(self.relu):
-            return self._plain_forward(x)
-        if isinstance(x, Proxy):  # torch.fx: the fused block as one graph node
-            return traced_block(self, x)
-        pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2)]
-        if self.training and norm_conv_chain_applies(pairs, x):
-            return _norm_conv_chain(self, pairs, x)
+        return _block_forward(self, x, [(self.conv1, self.bn1), (self.conv2, self.bn2)])
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
         out = conv_bn_act(self.conv1, self.bn1, x, relu=True)
         return conv_bn_act(self.conv2, self.bn2, out, residual=_shortcut(self, x), relu=True)
 
@@ -140,13 +148,9 @@ class Bottleneck(_InvalidatesFolds, tv_resnet.Bottleneck):
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch only
             return self._plain_forward(x)
-        if torch.jit.is_tracing() or not fusable_relu(self.relu):
-            return self._plain_forward(x)
-        if isinstance(x, Proxy):  # torch.fx: the fused block as one graph node
-            return traced_block(self, x)
-        pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
-        if self.training and norm_conv_chain_applies(pairs, x):
-            return _norm_conv_chain(self, pairs, x)
+        return _block_forward(self, x, [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)])
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
         out = conv_bn_act(self.conv1, self.bn1, x, relu=True)
         out = conv_bn_act(self.conv2, self.bn2, out, relu=True)
         tail = self._fused_tail_pairs()

@@ -14,10 +14,11 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 
 def fused_block(block: nn.Module, x: Tensor) -> Tensor:
@@ -39,6 +40,17 @@ def traced_block(block: nn.Module, x: Any) -> Any:
 
 
 torch.fx.wrap("fused_block")  # the leaf traced_block emits
+
+
+def unfused_forward(block: nn.Module, x: Any, fusable: bool) -> Optional[Any]:
+    """What a block's forward runs instead of its fused path, or None: its plain forward under
+    jit.trace or where the fused path cannot honour the block (`fusable` False); one graph node under
+    torch.fx. (TorchScript never gets here: each forward returns its plain path first.)"""
+    if torch.jit.is_tracing() or not fusable:
+        return block._plain_forward(x)
+    if isinstance(x, Proxy):
+        return traced_block(block, x)
+    return None
 
 
 @contextlib.contextmanager
