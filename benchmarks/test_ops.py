@@ -5,6 +5,11 @@
 - bottleneck_tail:   bottleneck_tail(h, W3, x, Wd, b)      vs conv3 -> bn3, downsample conv -> bn, add, relu
 - batch_norm_act_train: batch_norm_act(training=True, residual=r) vs batch_norm(training) -> + r -> relu,
                      forward (graph recorded) and forward + backward
+- norm_conv_train:   norm_conv(x, W, scale, shift, relu=True) (the previous BN's apply + ReLU as the conv's
+                     prologue, the next BN's batch statistics from its epilogue) vs batch_norm(training) ->
+                     relu -> conv2d -> var_mean (the next BN's statistics), forward and forward + backward.
+                     The fused op is given the previous BN's batch statistics, as the NormConv chain has
+                     them from the previous conv's epilogue; the eager chain computes them.
 
 Inference ops run under inference_mode with BN folded once beforehand, as the fastres modules
 cache it. "compile" is torch.compile of the unfused chain.
@@ -29,6 +34,7 @@ OPS = {  # op -> modes it is timed in
     "conv2d_act_residual": ("infer",),
     "bottleneck_tail": ("infer",),
     "batch_norm_act_train": ("forward", "forward_backward"),
+    "norm_conv_train": ("forward", "forward_backward"),
 }
 CASES = [(op, mode) for op, modes in OPS.items() for mode in modes]
 
@@ -127,11 +133,45 @@ def bn_train_case(variant: Variant, stage: int, batch: int, size: int, device, b
     return Case(eager, fused, None, batch)
 
 
+def norm_conv_case(variant: Variant, stage: int, batch: int, size: int, device, backward: bool) -> Case:
+    """A BasicBlock's second 3x3 conv (C -> C) in training, as the NormConv chain runs it."""
+    c, hw = 64 * 2 ** (stage - 1), max(2, size // 4 // 2 ** (stage - 1))
+    x = _input((batch, c, hw, hw), variant, device, seed=1).requires_grad_(backward)
+    w = _weight(c, c, 3, variant, device).requires_grad_(backward)
+    gamma, beta, running_mean, running_var = _bn(c, device)
+    gamma.requires_grad_(backward), beta.requires_grad_(backward)
+    next_mean, next_var = torch.zeros(c, device=device), torch.ones(c, device=device)
+    with torch.no_grad():  # what the previous conv's epilogue emitted
+        var_x, mean_x = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+        invstd_x = torch.rsqrt(var_x + 1e-5)
+    grad = _input((batch, c, hw, hw), variant, device, seed=3)
+
+    def finish(y):
+        if backward:
+            y.backward(grad)
+        return y
+
+    def eager():
+        a = torch.relu(F.batch_norm(x, running_mean, running_var, gamma, beta, training=True, momentum=0.1))
+        y = F.conv2d(a, w, None, 1, 1)
+        torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)  # the next BN's statistics
+        return finish(y)
+
+    def fused():
+        scale = invstd_x * gamma
+        y, _, _ = fastres.ops.norm_conv(x, w, 1, 1, scale=scale, shift=beta - mean_x * scale, relu=True,
+                                        running_mean=next_mean, running_var=next_var, momentum=0.1)
+        return finish(y)
+    return Case(eager, fused, conv_macs((batch, c, hw, hw), w.shape), batch)
+
+
 def make_case(op: str, mode: str, variant: Variant, stage: int, batch: int, size: int, device) -> Case:
     if op == "bottleneck_tail":
         return tail_case(variant, stage, batch, size, device)
     if op == "batch_norm_act_train":
         return bn_train_case(variant, stage, batch, size, device, backward=mode == "forward_backward")
+    if op == "norm_conv_train":
+        return norm_conv_case(variant, stage, batch, size, device, backward=mode == "forward_backward")
     return conv_case(op, variant, stage, batch, size, device)
 
 
