@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Dict, Iterable, Optional
 
+import pytest
 import torch
 from torch import nn
+
+import fastres
 
 # One table: purpose -> dtype -> tolerance, relative to the reference's largest magnitude.
 # - op: one op against its float64 reference (fp32 accumulates in fp32; half types round every stored
@@ -110,6 +114,22 @@ def randn(*shape, seed: int = 0, dtype=torch.float32, layout: str = "nchw", chan
     t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype).to(device)
     layout = "channels_last" if channels_last else layout
     return t.contiguous(memory_format=LAYOUTS[layout]) if t.dim() == 4 else t
+
+
+# ---------------------------------------------------------------------------------------------
+# the op tests' implementations (tests/test_<op>.py): skip marks and each implementation's inputs
+# ---------------------------------------------------------------------------------------------
+
+triton_only = pytest.mark.skipif("triton" not in fastres.available_backends(),
+                                 reason="the Triton backend is not available here")
+cpp_only = pytest.mark.skipif("cpp" not in fastres.available_backends(), reason="fastres._C is not built")
+
+# The Triton tests' device: the GPU, or without one the CPU, where the kernels run in Triton's
+# interpreter (tests/conftest.py sets TRITON_INTERPRET=1; every program costs ms: shapes stay tiny).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+triton_randn = functools.partial(randn, device=TRITON_DEVICE)
+# The cpp tests' inputs: float64 unless told otherwise (gradcheck, float64 references).
+randn64 = functools.partial(randn, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------

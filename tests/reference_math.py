@@ -1,9 +1,12 @@
 """Float64 references of the ops (and the op tests' comparison against them, at tests/helpers.py's
-"op" tolerances)."""
+"op" tolerances; an implementation's outputs and gradients against the "torch" backend's in float64,
+at the "grad" tolerances for gradients)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+import fastres
 
 from helpers import TOLERANCE as _TOLERANCE
 
@@ -40,3 +43,27 @@ def random_bn_state(channels: int, generator: torch.Generator, dtype=torch.float
     bias = (torch.randn(channels, generator=generator, dtype=torch.float64) * 0.1).to(dtype)
     mean = (torch.randn(channels, generator=generator, dtype=torch.float64) * 0.1).to(dtype)
     return weight, bias, mean, var
+
+
+def grads(fn, inputs):
+    """fn(*inputs) on fresh leaf copies, and the gradients of a fixed random weighting of its output."""
+    inputs = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    out = fn(*inputs)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(out)
+    (out.double() * weight.double()).sum().backward()
+    return out, [t.grad if t is not None else None for t in inputs]
+
+
+def compare_with_torch_backend(fn, inputs, dtype):
+    """fn on the "triton" backend against fn on the "torch" backend in float64: output and gradients."""
+    with fastres.use_backend("triton"):
+        out, grads_ = grads(fn, inputs)
+    with fastres.use_backend("torch"):
+        ref_out, ref_grads = grads(fn, [t.double() if t is not None else None for t in inputs])
+    assert_close(out, ref_out, dtype, "output")
+    for index, (g, ref) in enumerate(zip(grads_, ref_grads)):
+        if ref is not None:
+            error = (g.double() - ref).abs().max().item()
+            scale = ref.abs().max().item() + 1e-12
+            assert error <= _TOLERANCE["grad"][dtype] * scale, \
+                f"grad of input {index}: {error:.3g} vs scale {scale:.3g}"

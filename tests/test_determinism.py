@@ -24,7 +24,7 @@ import fastres
 from helpers import randn, randomize_bn_
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# Triton on the CPU interpreter is deterministic too (tests/test_triton_kernels.py checks its
+# Triton on the CPU interpreter is deterministic too (tests/test_batch_norm_act.py checks its
 # statistics bit for bit) but too slow for whole models here.
 BACKENDS = [b for b in fastres.available_backends() if b != "triton" or torch.cuda.is_available()]
 

@@ -10,7 +10,6 @@ against torchvision and torch.compile. Shapes stay tiny: every interpreted progr
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -20,15 +19,8 @@ import fastres
 from fastres.nn import bn_prologue, conv_bn_stats
 from fastres.ops import dispatch, registry
 
-from helpers import LAYOUTS, randn
+from helpers import LAYOUTS, TRITON_DEVICE as DEVICE, triton_only, triton_randn as _randn
 from reference_math import assert_close
-
-triton_only = pytest.mark.skipif("triton" not in fastres.available_backends(),
-                                 reason="the Triton backend is not available here")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-_randn = functools.partial(randn, device=DEVICE)
 
 
 CASES = [  # (N, C, H, W, K, kernel, stride, padding, groups, prologue, relu)
