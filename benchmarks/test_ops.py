@@ -66,6 +66,15 @@ def _bn_eval(y, bn):
     return F.batch_norm(y, bn[2], bn[3], bn[0], bn[1], training=False, eps=1e-5)
 
 
+def _finisher(backward: bool, grad: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """out -> out, after out.backward(grad) in a forward + backward case."""
+    def finish(out):
+        if backward:
+            out.backward(grad)
+        return out
+    return finish
+
+
 @dataclass
 class Case:
     eager: Callable[[], torch.Tensor]   # the unfused chain, also what torch.compile compiles
@@ -117,12 +126,7 @@ def bn_train_case(variant: Variant, stage: int, batch: int, size: int, device, b
     r = _input((batch, c, hw, hw), variant, device, seed=2).requires_grad_(True)
     weight, bias, mean, var = _bn(c, device)
     weight.requires_grad_(True), bias.requires_grad_(True)
-    grad = _input((batch, c, hw, hw), variant, device, seed=3)
-
-    def finish(out):
-        if backward:
-            out.backward(grad)
-        return out
+    finish = _finisher(backward, _input((batch, c, hw, hw), variant, device, seed=3))
 
     def eager():
         return finish(torch.relu(F.batch_norm(x, mean, var, weight, bias, training=True, momentum=0.1) + r))
@@ -144,12 +148,7 @@ def norm_conv_case(variant: Variant, stage: int, batch: int, size: int, device, 
     with torch.no_grad():  # what the previous conv's epilogue emitted
         var_x, mean_x = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
         invstd_x = torch.rsqrt(var_x + 1e-5)
-    grad = _input((batch, c, hw, hw), variant, device, seed=3)
-
-    def finish(y):
-        if backward:
-            y.backward(grad)
-        return y
+    finish = _finisher(backward, _input((batch, c, hw, hw), variant, device, seed=3))
 
     def eager():
         a = torch.relu(F.batch_norm(x, running_mean, running_var, gamma, beta, training=True, momentum=0.1))
