@@ -67,6 +67,58 @@ def test_batch_norm_act_gradients_in_training():
         (x, res, gamma, beta))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(3, 13, 7, 9), (1, 40, 13, 17)])
+def test_given_batch_statistics_give_batchnorm2d_and_its_gradient(shape, layout, backend):
+    # The NormConv chain's last BN gets y's statistics from the conv's epilogue: the apply alone must
+    # give nn.BatchNorm2d's training output and BN's full training gradient, with the statistics made
+    # differentiably from x (as norm_conv's are) or not.
+    x = (_randn(*shape, layout=layout, seed=1) * 3 + 0.5).requires_grad_()
+    res = _randn(*shape, layout=layout, seed=2).requires_grad_()
+    bn = _bn_module(shape[1], 0.3).float()
+    dy = _randn(*shape, layout=layout, seed=3)
+    x64, res64 = x.detach().double().requires_grad_(), res.detach().double().requires_grad_()
+    bn64 = _bn_module(shape[1], 0.3)
+    expected = torch.relu(bn64(x64) + res64)
+    expected.backward(dy.double())
+    var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+    with fastres.use_backend(backend):
+        y = ops.batch_norm_act(x, bn.weight, bn.bias, None, None, training=True, eps=bn.eps, residual=res, relu=True,
+                               mean=mean, invstd=torch.rsqrt(var + bn.eps))
+    y.backward(dy)
+    assert y.is_contiguous(memory_format=LAYOUTS[layout])
+    assert_close(y, expected, torch.float32, "output")
+    for got, want, what in ((x.grad, x64.grad, "x"), (res.grad, res64.grad, "residual"),
+                            (bn.weight.grad, bn64.weight.grad, "weight"), (bn.bias.grad, bn64.bias.grad, "bias")):
+        assert_close(got, want, torch.float32, f"d{what}")
+    # the given statistics are the ones used (no statistics pass of its own): shift them, see it
+    shifted, invstd = mean.detach() + 1.0, torch.rsqrt(var.detach() + bn.eps)
+    with torch.no_grad(), fastres.use_backend(backend):
+        y = ops.batch_norm_act(x, bn.weight, bn.bias, None, None, training=True, eps=bn.eps, residual=res, relu=True,
+                               mean=shifted, invstd=invstd)
+    view = (1, -1, 1, 1)
+    expected = torch.relu((x64 - shifted.double().view(view)) * (invstd.double() * bn64.weight).view(view)
+                          + bn64.bias.view(view) + res64)
+    assert_close(y, expected.detach(), torch.float32, "output with shifted statistics")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(mean=torch.zeros(5)), "together"),
+    (dict(mean=torch.zeros(5), invstd=torch.ones(5), training=False, running_mean=torch.zeros(5),
+          running_var=torch.ones(5)), "training=True"),
+    (dict(mean=torch.zeros(5), invstd=torch.ones(5), running_mean=torch.zeros(5), running_var=torch.ones(5)),
+     "must be None"),
+    (dict(mean=torch.zeros(4), invstd=torch.ones(4)), "mean"),
+])
+def test_given_batch_statistics_bad_input(kwargs, message):
+    args = dict(running_mean=None, running_var=None, training=True)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        ops.batch_norm_act(torch.randn(2, 5, 3, 3), None, None, args.pop("running_mean"), args.pop("running_var"),
+                           **args)
+
+
 # ------------------------------------------------------------------ cpp (fastres._C: CPU and CUDA kernels)
 
 @cpp_only

@@ -249,9 +249,12 @@ def _calls(shape: dict, batch: int, device, dtype, fmt, nan: bool):
     f32 = torch.float32
     bn = dict(x=y, weight=torch.rand(K, device=device, dtype=f32) + 0.5, bias=torch.randn(K, device=device) * 0.1,
               running_mean=torch.randn(K, device=device) * 0.1, running_var=torch.rand(K, device=device) + 0.5,
-              training=False, momentum=0.1, eps=1e-5, residual=residual, relu=True)
+              training=False, momentum=0.1, eps=1e-5, residual=residual, relu=True, mean=None, invstd=None)
     yield "batch_norm_act", "eval", Call("batch_norm_act", bn)
     yield "batch_norm_act", "training", Call("batch_norm_act", dict(bn, training=True))
+    var_y, mean_y = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)  # as the NormConv chain's last BN
+    yield "batch_norm_act", "training, given statistics", Call("batch_norm_act", dict(
+        bn, training=True, running_mean=None, running_var=None, mean=mean_y, invstd=torch.rsqrt(var_y + 1e-5)))
     yield "add_relu", "", Call("add_relu", dict(x=y, residual=residual if residual is not None else
                                                  _rand((N, K, Ho, Wo), device, dtype, fmt)))
 

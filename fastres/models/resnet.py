@@ -78,15 +78,14 @@ class _InvalidatesFolds:
 def _norm_conv_chain(block, pairs, x: Tensor) -> Tensor:
     """Training NormConv chain: each conv emits its BN's batch statistics and the next conv applies that
     BN + ReLU in its prologue, so relu(bn(y)) of the inner convs is never written; the last BN (+ the
-    shortcut, ReLU) is the block's output, applied as in phase A."""
+    shortcut, ReLU) is the block's output, applied with the statistics the last conv emitted."""
     (first_conv, first_bn), *rest = pairs
     y, mean, invstd = conv_bn_stats(first_conv, first_bn, x)
     previous = first_bn
-    for index, (conv, bn) in enumerate(rest):
-        last = index == len(rest) - 1
-        y, mean, invstd = conv_bn_stats(conv, None if last else bn, y, prologue=bn_prologue(previous, mean, invstd))
+    for conv, bn in rest:
+        y, mean, invstd = conv_bn_stats(conv, bn, y, prologue=bn_prologue(previous, mean, invstd))
         previous = bn
-    return batch_norm_act(previous, y, residual=_shortcut(block, x), relu=True)
+    return batch_norm_act(previous, y, residual=_shortcut(block, x), relu=True, stats=(mean, invstd))
 
 
 def _block_forward(block, x: Tensor, pairs) -> Tensor:

@@ -80,8 +80,13 @@ def _momentum_factor(bn: _BatchNorm) -> float:
 
 
 def batch_norm_act(bn: _BatchNorm, y: torch.Tensor, *, residual: Optional[torch.Tensor] = None,
-                   relu: bool = True) -> torch.Tensor:
-    """bn(y) (+ residual) (+ ReLU) with nn.BatchNorm2d's exact semantics, buffers included."""
+                   relu: bool = True, stats: Optional[tuple] = None) -> torch.Tensor:
+    """bn(y) (+ residual) (+ ReLU) with nn.BatchNorm2d's exact semantics, buffers included. stats: y's
+    batch statistics (mean, invstd) for a training bn, already computed by conv_bn_stats (which also
+    updated bn's buffers and batch count): only the apply runs."""
+    if stats is not None:
+        return ops.batch_norm_act(y, bn.weight, bn.bias, None, None, training=True, eps=bn.eps, residual=residual,
+                                  relu=relu, mean=stats[0], invstd=stats[1])
     factor = _momentum_factor(bn)
     use_batch_stats = bn.training or bn.running_mean is None
     track = not bn.training or bn.track_running_stats

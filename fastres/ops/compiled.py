@@ -38,9 +38,10 @@ def bottleneck_tail(h, w3, x, wd, bias, stride, relu):
     return _epilogue(F.conv2d(h, w3), bias, shortcut, relu)
 
 
-def batch_norm_act(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu):
+def batch_norm_act(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu,
+                   stats=None):
     return registry.batch_norm_act(x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
-                                   relu, family=registry.COMPILED_BN)
+                                   relu, stats=stats, family=registry.COMPILED_BN)
 
 
 def add_relu(x, residual):

@@ -34,7 +34,7 @@ ARGUMENTS = {
     "conv2d_act": ("x", "weight", "bias", "stride", "padding", "dilation", "groups", "residual", "relu"),
     "bottleneck_tail": ("h", "w3", "x", "wd", "bias", "stride", "relu"),
     "batch_norm_act": ("x", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
-                       "residual", "relu"),
+                       "residual", "relu", "mean", "invstd"),
     "add_relu": ("x", "residual"),
     "norm_conv": ("x", "weight", "scale", "shift", "relu", "stride", "padding", "dilation", "groups",
                   "running_mean", "running_var", "momentum", "eps"),

@@ -48,9 +48,15 @@ def conv2d_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
 
 
 def batch_norm_act(x, weight, bias, running_mean, running_var, *, training: bool, momentum: float = 0.1,
-                   eps: float = 1e-5, residual: Optional[torch.Tensor] = None, relu: bool = True):
+                   eps: float = 1e-5, residual: Optional[torch.Tensor] = None, relu: bool = True,
+                   mean: Optional[torch.Tensor] = None, invstd: Optional[torch.Tensor] = None):
     """relu(batch_norm(x) + residual). In training, batch statistics are used and the running
     buffers (when given) are updated in place exactly as torch.nn.BatchNorm2d does with this momentum.
+
+    mean, invstd (training only, both or neither): x's batch statistics, already computed -- e.g. by
+    the norm_conv that produced x, in its epilogue --, so the statistics pass is skipped; the running
+    buffers must then be None (whoever computed the statistics updated them). The gradient is BN's full
+    training gradient either way.
     """
     checks.tensor(x, "x", ndim=4)
     checks.flag(training, "training")
@@ -67,9 +73,19 @@ def batch_norm_act(x, weight, bias, running_mean, running_var, *, training: bool
         raise ValueError(f"x of shape {tuple(x.shape)} has one value per channel; "
                          "training BatchNorm needs more than one")
     checks.residual(residual, x.shape, x)
+    if (mean is None) != (invstd is None):
+        raise ValueError("mean and invstd must be given together or both be None")
+    if mean is not None:
+        if not training:
+            raise ValueError("mean and invstd are batch statistics: they need training=True")
+        if running_mean is not None or running_var is not None:
+            raise ValueError("with mean and invstd given, running_mean and running_var must be None (whoever "
+                             "computed the batch statistics updates them)")
+        checks.per_channel(mean, "mean", channels, x, "x")
+        checks.per_channel(invstd, "invstd", channels, x, "x")
     return dispatch("batch_norm_act", dict(x=x, weight=weight, bias=bias, running_mean=running_mean,
                                            running_var=running_var, training=training, momentum=float(momentum),
-                                           eps=float(eps), residual=residual, relu=relu))
+                                           eps=float(eps), residual=residual, relu=relu, mean=mean, invstd=invstd))
 
 
 def add_relu(x, residual):

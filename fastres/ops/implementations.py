@@ -26,7 +26,7 @@ register("bottleneck_tail", "reference", backend="torch", covers=lambda call: No
 register("batch_norm_act", "reference", backend="torch", covers=lambda call: None,
          run=lambda call, config: reference.batch_norm_act(
              call.x, call.weight, call.bias, call.running_mean, call.running_var, call.training, call.momentum,
-             call.eps, call.residual, call.relu))
+             call.eps, call.residual, call.relu, call.args.get("mean"), call.args.get("invstd")))
 register("add_relu", "reference", backend="torch", covers=lambda call: None,
          run=lambda call, config: reference.add_relu(call.x, call.residual))
 
@@ -128,10 +128,16 @@ def _cpp_tail(call: Call, config: str):
     return compiled.bottleneck_tail(h, w3, x, wd, bias, call.stride, call.relu)
 
 
+def _given_stats(call: Call):
+    """(mean, invstd) given to batch_norm_act (x's batch statistics, computed by whoever made x), or None."""
+    mean = call.args.get("mean")
+    return None if mean is None else (mean.detach(), call.args["invstd"].detach())
+
+
 def _cpp_bn(call: Call, config: str):
     (residual,) = cast(call.x.dtype, call.residual)
     return compiled.batch_norm_act(call.x, call.weight, call.bias, call.running_mean, call.running_var, residual,
-                                   call.training, call.momentum, call.eps, call.relu)
+                                   call.training, call.momentum, call.eps, call.relu, stats=_given_stats(call))
 
 
 def _cuda_only(call: Call):
@@ -240,7 +246,7 @@ def _triton_tail_configs(call: Call):
 def _triton_bn(call: Call, config: str):
     (residual,) = cast(call.x.dtype, call.residual)
     return registry.batch_norm_act(call.x, call.weight, call.bias, call.running_mean, call.running_var, residual,
-                                   call.training, call.momentum, call.eps, call.relu)
+                                   call.training, call.momentum, call.eps, call.relu, stats=_given_stats(call))
 
 
 for _op, _run in (("conv2d_act", _triton_conv), ("bottleneck_tail", _triton_tail), ("batch_norm_act", _triton_bn),

@@ -25,8 +25,15 @@ def conv2d_act(x, weight, bias, stride, padding, dilation, groups, residual, rel
     return epilogue_(y, residual, relu)
 
 
-def batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu):
-    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+def batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu,
+                   mean=None, invstd=None):
+    if mean is None:
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    else:  # x's batch statistics given (differentiable where they came from x, e.g. norm_conv's outputs)
+        dtype = torch.promote_types(stats_dtype(x), mean.dtype)
+        scale = invstd.to(dtype) if weight is None else invstd.to(dtype) * weight.to(dtype)
+        shift = -mean.to(dtype) * scale if bias is None else bias.to(dtype) - mean.to(dtype) * scale
+        y = (x.to(dtype) * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)).to(x.dtype)
     return epilogue_(y, residual, relu)
 
 

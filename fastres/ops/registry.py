@@ -476,10 +476,13 @@ def _fake_batch_norm_finalize(sum, sqsum, count, weight, bias, running_mean, run
 
 
 def batch_norm_act(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu, *,
-                   family=TRITON_BN):
-    """BatchNorm (+ residual) (+ ReLU) on one backend's operators; autograd through the apply op."""
+                   stats=None, family=TRITON_BN):
+    """BatchNorm (+ residual) (+ ReLU) on one backend's operators; autograd through the apply op (in
+    training, BN's full gradient). stats: x's batch statistics (mean, invstd), already computed."""
     stats_op, apply_op = family
-    if training:
+    if stats is not None:
+        mean, invstd = (t.to(_stats_dtype(x)).contiguous() for t in stats)
+    elif training:
         mean, invstd = stats_op(x.detach(), running_mean, running_var, momentum, eps)
     else:
         dtype = _stats_dtype(x)
