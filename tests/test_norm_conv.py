@@ -248,26 +248,29 @@ def test_chain_is_exact_in_float64_over_steps(name, monkeypatch):
 
 
 @triton_only
-def test_resnet18_training_step_on_triton_matches_torchvision(monkeypatch):
+@pytest.mark.parametrize("name,size", [("resnet18", 48), ("resnet50", 32)])  # resnet50: ~50 s interpreted
+def test_training_step_on_triton_matches_torchvision(name, size, monkeypatch):
     """The chain on the Triton kernels (interpreter) in fp32, within 10x torchvision fp32's own error
     against torchvision float64 (BN at random init amplifies rounding), as phase A is held in
     tests/test_triton_kernels.py."""
     chained = _chain_counter(monkeypatch, registry, "triton_norm_conv")
     torch.manual_seed(0)
-    tv = torchvision.models.resnet18(num_classes=5).to(DEVICE)
+    tv = getattr(torchvision.models, name)(num_classes=5).to(DEVICE)
     fr = fastres.from_torchvision(tv)
     exact = copy.deepcopy(tv).double()
-    x = _randn(2, 3, 48, 48, seed=3, layout="channels_last")
+    x = _randn(2, 3, size, size, seed=3, layout="channels_last")
     ref_out, ref_grads, ref_buffers = _train_steps(exact, [x.double()])
-    tv_out, tv_grads, _ = _train_steps(tv, [x])
+    tv_out, tv_grads, tv_buffers = _train_steps(tv, [x])
     with fastres.use_backend("triton"):
         out, grads, buffers = _train_steps(fr, [x])
-    _assert_every_block_chained(fr, chained, 1, "resnet18")
+    _assert_every_block_chained(fr, chained, 1, name)
     assert _max_rel(out, ref_out) <= 10 * _max_rel(tv_out, ref_out) + 1e-5
     for (pname, _), g, t, r in zip(fr.named_parameters(), grads, tv_grads, ref_grads):
         assert _max_rel(g, r) <= 10 * _max_rel(t, r) + 1e-4, f"grad {pname}"
-    for (bname, _), b, r in zip(fr.named_buffers(), buffers, ref_buffers):
-        assert _max_rel(b, r) <= 1e-4, f"buffer {bname}"
+    # buffers: 1e-4, or 10x torchvision fp32's own error where that is larger (resnet50 at 32x32: its
+    # layer4 BNs see 2 values per channel)
+    for (bname, _), b, t, r in zip(fr.named_buffers(), buffers, tv_buffers, ref_buffers):
+        assert _max_rel(b, r) <= max(1e-4, 10 * _max_rel(t, r)), f"buffer {bname}"
 
 
 # ------------------------------------------------------------------ torch.compile
