@@ -147,7 +147,8 @@ def _made_here(out: torch.Tensor) -> torch.Tensor:
 
 
 def residual_reusable(residual: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether a conv2d_act on x here would write its output over `residual` (the tuner asks)."""
+    """Whether a conv2d_act on x here would write its output over `residual`: the tuner's question, apart
+    from the conv's own `_reusable` (which tests/test_cpu_fast_path.py counts)."""
     return _reusable(residual, x)
 
 

@@ -267,17 +267,6 @@ def _isolated():
         yield
 
 
-@contextlib.contextmanager
-def _reuse_residuals(enabled: bool):
-    if not enabled:
-        yield
-        return
-    from . import onednn
-
-    with onednn.reusable_activations(True):
-        yield
-
-
 def _residual_overwritten(call: Call) -> bool:
     """Whether the real call may write its output over its residual (the CPU path's in-place
     residual add, onednn.reusable_activations): its trials must then time that form too."""
@@ -301,7 +290,9 @@ def measure(call: Call, candidates: Sequence[Implementation]) -> Tuple[Optional[
     report: Dict[str, object] = {}
     device = call.lead.device
     in_place = _residual_overwritten(call)  # asked before _isolated() turns the reuse off
-    with _isolated(), _reuse_residuals(in_place):
+    from . import onednn
+
+    with _isolated(), onednn.reusable_activations(True) if in_place else contextlib.nullcontext():
         ref_call = _trial_call(_float64_call(call))
         expected = dispatch.reference(call.op).run(ref_call, "")
         tol = tolerance(call)
