@@ -150,6 +150,144 @@ def test_registration_opcheck_and_fake(layout):
     assert mean.shape == var.shape == (6,) and mean.dtype == torch.float32
 
 
+# ------------------------------------------------------------------ the backward kernels (wgrad, dgrad)
+
+BACKWARD_CASES = CASES + [  # (N, C, H, W, K, kernel, stride, padding, groups, prologue, relu)
+    (2, 16, 9, 11, 16, 1, 2, 0, 1, True, True),  # 1x1 stride 2: the odd phases reach no tap
+    (3, 20, 6, 9, 36, 3, 2, 1, 1, False, False),  # stride 2, even sizes, no prologue (the block's first conv)
+]
+
+
+def _backward_reference(x, weight, scale, shift, g, kw, dilation=1):
+    """float64 (dW, dx, d scale, d shift) of conv2d(relu?(x * scale + shift)) for the output gradient g."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, scale, shift)]
+    a = leaves[0]
+    if scale is not None:
+        a = a * leaves[2].reshape(1, -1, 1, 1) + leaves[3].reshape(1, -1, 1, 1)
+        a = torch.relu(a) if kw["relu"] else a
+    torch.nn.functional.conv2d(a, leaves[1], None, kw["stride"], kw["padding"], dilation, kw["groups"]).backward(
+        g.double())
+    return [t.grad if t is not None else None for t in leaves]
+
+
+def _backward_inputs(case, dtype, layout):
+    x, weight, scale, shift, _, _, kw = _case(case, dtype, layout)
+    h, w = x.shape[2:]
+    ks = weight.shape[2]
+    p = (h + 2 * kw["padding"] - ks) // kw["stride"] + 1
+    q = (w + 2 * kw["padding"] - ks) // kw["stride"] + 1
+    g = _randn(x.shape[0], weight.shape[0], p, q, dtype=dtype, layout=layout, seed=7)
+    return x, weight, scale, shift, g, kw
+
+
+def _conv_args(kw, dilation=1):
+    return [[kw["stride"]] * 2, [kw["padding"]] * 2, [dilation] * 2, kw["groups"]]
+
+
+@triton_only
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: "x".join(map(str, c[:9])) + ("p" if c[9] else "") +
+                         ("r" if c[10] else ""))
+def test_backward_kernels_match_float64(case, dtype, layout):
+    """triton_norm_conv_wgrad (the prologue recomputed on load) and triton_norm_conv_dgrad (dReLU, dx and
+    the scale/shift sums in its epilogue) against the float64 autograd of the same conv."""
+    x, weight, scale, shift, g, kw = _backward_inputs(case, dtype, layout)
+    ref = _backward_reference(x, weight, scale, shift, g, kw)
+    conv = _conv_args(kw)
+    dw = registry.triton_norm_conv_wgrad(g, x, weight, scale, shift, kw["relu"], *conv)
+    dx, dscale, dshift = registry.triton_norm_conv_dgrad(g, x, weight, scale, shift, kw["relu"], *conv)
+    assert dw.dtype == weight.dtype and dw.shape == weight.shape and dw.is_contiguous()
+    assert dx.dtype == dtype and dx.is_contiguous(memory_format=LAYOUTS[layout])
+    assert_close(dw, ref[1], dtype, "grad weight")
+    assert_close(dx, ref[0], dtype, "grad x")
+    if scale is None:
+        assert dscale.numel() == dshift.numel() == 0
+    else:
+        assert dscale.dtype == dshift.dtype == torch.float32
+        assert_close(dscale, ref[2], dtype, "grad scale")
+        assert_close(dshift, ref[3], dtype, "grad shift")
+
+
+@triton_only
+def test_wgrad_split_over_pixels_is_deterministic():
+    """A forced pixel split (fp32 partials summed in split order) gives the unsplit result to rounding and
+    the same bits when run again."""
+    from fastres.kernels.triton import conv_backward
+    x, weight, scale, shift, g, kw = _backward_inputs(CASES[2], torch.float32, "channels_last")
+    conv = [tuple(a) if isinstance(a, list) else a for a in _conv_args(kw)]
+    prologue = (scale, shift, True)
+    whole = conv_backward.conv2d_wgrad(g, x, weight, *conv, prologue)
+    _, launches, reduce = conv_backward.wgrad_plan(g, x, weight, *conv, prologue, split=3)
+    assert launches[0].grid[1] == 3 and reduce is not None
+    first = conv_backward.conv2d_wgrad(g, x, weight, *conv, prologue, split=3)
+    again = conv_backward.conv2d_wgrad(g, x, weight, *conv, prologue, split=3)
+    assert torch.equal(first, again)
+    assert_close(first, whole.double(), torch.float32, "split wgrad")
+
+
+@triton_only
+def test_dgrad_not_covered_falls_back_and_stays_correct(monkeypatch):
+    """Stride and dilation both > 1 is outside the dgrad's phase split: covers() says so, the backward runs
+    torch's conv backward for dx (and the Triton wgrad for dW), and the gradients are still right."""
+    from fastres.kernels.triton import conv_backward
+    x = _randn(1, 16, 11, 11, seed=1, layout="channels_last")
+    weight = _randn(8, 16, 3, 3, seed=2, scale=0.1)
+    assert "not covered" in conv_backward.covers(x, weight, (2, 2), (2, 2), (2, 2), 1)
+    assert conv_backward.covers(x, weight, (2, 2), (1, 1), (1, 1), 1) is None
+    calls = []
+    monkeypatch.setattr(registry, "triton_norm_conv_dgrad", lambda *a: calls.append("dgrad"))
+    scale, shift = _randn(16, seed=3, scale=0.3, shift=0.8), _randn(16, seed=4, scale=0.5)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, scale, shift)]
+    y, _, _ = registry.triton_norm_conv(*leaves, True, [2, 2], [2, 2], [2, 2], 1)
+    g = _randn(*y.shape, seed=7)
+    y.backward(g)
+    ref = _backward_reference(x, weight, scale, shift, g, dict(stride=2, padding=2, groups=1, relu=True), dilation=2)
+    assert not calls
+    for name, got, want in zip(("x", "weight", "scale", "shift"), leaves, ref):
+        assert_close(got.grad, want, torch.float32, f"grad {name}")
+
+
+@triton_only
+def test_triton_backward_never_runs_torch_conv_backward(monkeypatch):
+    """The Triton NormConv's backward is its own kernels: aten's convolution_backward is never called and
+    no relu(bn(x)) is recomputed in torch (the reference prologue is not called either)."""
+    from fastres.ops import reference
+    monkeypatch.setattr(registry, "_conv_grads", lambda *a: pytest.fail("torch conv backward ran"))
+    monkeypatch.setattr(reference, "prologue", lambda *a: pytest.fail("torch recomputed the prologue"))
+    x, weight, scale, shift, rm, rv, kw = _case(CASES[2], torch.float32, "channels_last")
+    got = _run("triton", x, weight, scale, shift, rm.clone(), rv.clone(), kw)
+    assert all(t is not None for t in got[3:])
+
+
+@triton_only
+def test_backward_nan_propagates_like_the_reference():
+    x, weight, scale, shift, g, kw = _backward_inputs(CASES[0], torch.float32, "channels_last")
+    x = x.clone()
+    x[1, 4, 3, 3] = float("nan")
+    ref = _backward_reference(x, weight, scale, shift, g, kw)
+    conv = _conv_args(kw)
+    dw = registry.triton_norm_conv_wgrad(g, x, weight, scale, shift, True, *conv)
+    dx, dscale, dshift = registry.triton_norm_conv_dgrad(g, x, weight, scale, shift, True, *conv)
+    for name, got, want in (("weight", dw, ref[1]), ("x", dx, ref[0]), ("scale", dscale, ref[2]),
+                            ("shift", dshift, ref[3])):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), name
+    assert torch.isnan(dscale).any() and torch.isnan(dw).any()
+
+
+@triton_only
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_ops_opcheck_and_fake(layout):
+    x, weight, scale, shift, g, kw = _backward_inputs(CASES[0], torch.float32, layout)
+    conv = _conv_args(kw)
+    for op in (registry.triton_norm_conv_wgrad, registry.triton_norm_conv_dgrad):
+        torch.library.opcheck(op, (g, x, weight, scale, shift, True, *conv))
+        torch.library.opcheck(op, (g, x, weight, None, None, False, *conv))
+    meta = [t.to("meta") for t in (g, x, weight, scale)]
+    dx, dscale, _ = registry.triton_norm_conv_dgrad(meta[0], meta[1], meta[2], meta[3], meta[3], True, *conv)
+    assert dx.shape == x.shape and dx.is_contiguous(memory_format=LAYOUTS[layout]) and dscale.shape == (13,)
+
+
 def test_argument_checks():
     x, w = torch.randn(2, 8, 5, 7), torch.randn(6, 8, 3, 3)
     with pytest.raises(ValueError, match="together"):

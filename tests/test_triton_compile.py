@@ -80,3 +80,18 @@ def test_norm_conv_launches_compile_as_fast_kernels(audit_rows):
         assert r["wgmma"] and not r["mma_sync"] and r["spill_bytes"] == 0, r
     stats = [r for r in norm if "stats" in r["config"]]
     assert {r["batch"] for r in stats} == {1, 256}
+
+
+def test_norm_conv_backward_kernels_compile_as_fast_kernels(audit_rows):
+    """The NormConv backward (op "norm_conv_backward"): a wgrad and a dgrad kernel per block conv, both on
+    wgmma, the ones recomputing the previous BN + ReLU tagged "prologue" (spills and shared memory are
+    checked for every row above)."""
+    back = [r for r in audit_rows if r["op"] == "norm_conv_backward"]
+    assert {r["kernel"] for r in back} == {"conv2d_wgrad_kernel", "conv2d_dgrad_kernel"}
+    assert {r["layer"] for r in back} >= {"layer1.0.conv2", "layer1.1.conv3", "layer4.0.conv2", "layer4.2.conv1"}
+    assert {r["batch"] for r in back} == {1, 256} and {r["dtype"] for r in back} == {"bf16", "fp16"}
+    for r in back:
+        assert r["wgmma"] and not r["mma_sync"], r
+        assert ("prologue" in r["config"]) == (r["layer"] != "layer4.2.conv1"), r
+    strided = [r for r in back if r["layer"] == "layer4.0.conv2" and r["kernel"] == "conv2d_dgrad_kernel"]
+    assert strided and all(r["grid"][1] == 4 for r in strided)  # stride 2: four output phases

@@ -200,51 +200,101 @@ def norm_conv_output_grad(gy: Optional[Tensor], gmean: Optional[Tensor], gvar: O
 
 
 def _norm_conv_backward(ctx, gy, gmean, gvar):
+    """One formula for both NormConv ops; the fused kernels of the op's family where they cover the call
+    (Triton's wgrad/dgrad kernels, cuDNN's backward graphs), torch's conv backward part by part elsewhere."""
     from . import reference
     x, weight, scale, shift, y, mean = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv
+    conv = ctx.conv
     needs = ctx.needs_input_grad
     g = norm_conv_output_grad(gy, gmean, gvar, y, mean)
     has_prologue = scale is not None
     need_da = needs[0] or (has_prologue and (needs[2] or needs[3]))
-    dw = fused = None
-    if getattr(ctx, "cudnn_graphs", False):  # cuDNN's fused backward graphs, per part where it has one
+    dw = fused = None  # fused: (dx, d scale, d shift) from one kernel through the prologue
+    family = getattr(ctx, "family", "torch")
+    if family == "triton":
+        if needs[1]:
+            dw = triton_norm_conv_wgrad(g, x, weight, scale, shift, ctx.relu, *conv)
+        if need_da and _kernel("conv_backward").covers(x, weight, *conv) is None:
+            fused = triton_norm_conv_dgrad(g, x, weight, scale, shift, ctx.relu, *conv)
+    elif family == "cudnn":  # cuDNN's fused backward graphs, per part where it has one
         from . import compiled
         if needs[1]:
-            dw = compiled.cudnn_norm_conv_wgrad(g, x, weight, scale, shift, ctx.relu, stride, padding, dilation,
-                                                groups)
+            dw = compiled.cudnn_norm_conv_wgrad(g, x, weight, scale, shift, ctx.relu, *conv)
         if has_prologue and ctx.relu and need_da:
-            fused = compiled.cudnn_norm_conv_dgrad_drelu(g, x, weight, scale, shift, stride, padding, dilation,
-                                                         groups)
-    if fused is not None:
-        gz, dscale, dshift = fused
-        if dw is None and needs[1]:
-            dw = _conv_grads(g, reference.prologue(x, scale, shift, ctx.relu), weight, stride, padding, dilation,
-                             groups, False, True)[1]
-        dx = (gz.float() * scale.float().reshape(1, -1, 1, 1)).to(x.dtype) if needs[0] else None
-        return (dx, dw, dscale.to(scale.dtype) if needs[2] else None, dshift.to(shift.dtype) if needs[3] else None,
-                None, None, None, None, None, None)
-    a = reference.prologue(x, scale, shift, ctx.relu) if has_prologue and (need_da or dw is None) else x
-    da, dw_plain = _conv_grads(g, a, weight, stride, padding, dilation, groups, need_da, needs[1] and dw is None)
-    dw = dw if dw is not None else dw_plain
+            gz_sums = compiled.cudnn_norm_conv_dgrad_drelu(g, x, weight, scale, shift, *conv)
+            if gz_sums is not None:
+                gz, dscale, dshift = gz_sums
+                fused = ((gz.float() * scale.float().reshape(1, -1, 1, 1)).to(x.dtype), dscale, dshift)
+    needs_dw = needs[1] and dw is None
+    if (fused is None and need_da) or needs_dw:
+        a = reference.prologue(x, scale, shift, ctx.relu) if has_prologue else x
+        da, dw_plain = _conv_grads(g, a, weight, *conv, need_da and fused is None, needs_dw)
+        dw = dw if dw is not None else dw_plain
+        if fused is None and need_da:
+            fused = _prologue_backward(da, a, x, scale, ctx.relu) if has_prologue else (da, None, None)
+    if fused is None:
+        return None, dw, None, None, None, None, None, None, None, None
+    dx, dscale, dshift = fused
     if not has_prologue:
-        return da, dw, None, None, None, None, None, None, None, None
-    dx = dscale = dshift = None
-    if need_da:
-        dtype = torch.promote_types(reference.stats_dtype(x), scale.dtype)
-        gz = da.to(dtype)
-        if ctx.relu:
-            gz = torch.where(a > 0, gz, 0.0)
-        if needs[0]:
-            dx = (gz * scale.to(dtype).reshape(1, -1, 1, 1)).to(x.dtype)
-        if needs[2]:
-            dscale = (gz * x.to(dtype)).sum((0, 2, 3)).to(scale.dtype)
-        if needs[3]:
-            dshift = gz.sum((0, 2, 3)).to(shift.dtype)
-    return dx, dw, dscale, dshift, None, None, None, None, None, None
+        return dx if needs[0] else None, dw, None, None, None, None, None, None, None, None
+    return (dx if needs[0] else None, dw, dscale.to(scale.dtype) if needs[2] else None,
+            dshift.to(shift.dtype) if needs[3] else None, None, None, None, None, None, None)
 
 
-triton_norm_conv.register_autograd(_norm_conv_backward, setup_context=_norm_conv_setup)
+def _prologue_backward(da: Tensor, a: Tensor, x: Tensor, scale: Tensor, relu: bool) -> tuple:
+    """(dx, d scale, d shift) from the gradient of a = relu?(x * scale + shift): torch's formula."""
+    from . import reference
+    dtype = torch.promote_types(reference.stats_dtype(x), scale.dtype)
+    gz = da.to(dtype)
+    if relu:
+        gz = torch.where(a > 0, gz, 0.0)
+    return ((gz * scale.to(dtype).reshape(1, -1, 1, 1)).to(x.dtype), (gz * x.to(dtype)).sum((0, 2, 3)),
+            gz.sum((0, 2, 3)))
+
+
+def _triton_norm_conv_setup(ctx, inputs, output):
+    _norm_conv_setup(ctx, inputs, output)
+    ctx.family = "triton"  # the backward runs Triton's wgrad and dgrad kernels (prologue recomputed)
+
+
+# The backward's kernels are operators too (torch.compile traces the backward formula).
+@torch.library.custom_op(f"{LIB}::triton_norm_conv_wgrad", mutates_args=())
+def triton_norm_conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                           relu: bool, stride: List[int], padding: List[int], dilation: List[int],
+                           groups: int) -> Tensor:
+    """d weight of conv2d(relu?(x * scale + shift)), the prologue recomputed from the raw x as it is loaded."""
+    prologue = None if scale is None else (scale.float().contiguous(), shift.float().contiguous(), relu)
+    return _kernel("conv_backward").conv2d_wgrad(grad, x, weight, tuple(stride), tuple(padding), tuple(dilation),
+                                               groups, prologue)
+
+
+@triton_norm_conv_wgrad.register_fake
+def _(grad, x, weight, scale, shift, relu, stride, padding, dilation, groups):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(f"{LIB}::triton_norm_conv_dgrad", mutates_args=())
+def triton_norm_conv_dgrad(grad: Tensor, x: Tensor, weight: Tensor, scale: Optional[Tensor],
+                           shift: Optional[Tensor], relu: bool, stride: List[int], padding: List[int],
+                           dilation: List[int], groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, d scale, d shift) through the prologue in the dgrad's epilogue (dReLU, gz * scale, the sums of
+    gz * x and gz); without a prologue (dx, empty, empty)."""
+    prologue = None if scale is None else (scale.float().contiguous(), shift.float().contiguous(), relu)
+    out = _kernel("conv_backward").conv2d_dgrad(grad, x, weight, tuple(stride), tuple(padding), tuple(dilation),
+                                              groups, prologue)
+    if prologue is None:
+        return out, x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32)
+    return out
+
+
+@triton_norm_conv_dgrad.register_fake
+def _(grad, x, weight, scale, shift, relu, stride, padding, dilation, groups):
+    sums = x.shape[1] if scale is not None else 0
+    return (_empty_like_format(x, x.shape), x.new_empty((sums,), dtype=torch.float32),
+            x.new_empty((sums,), dtype=torch.float32))
+
+
+triton_norm_conv.register_autograd(_norm_conv_backward, setup_context=_triton_norm_conv_setup)
 
 
 def _cudnn_norm_conv_impl(x, weight, scale, shift, relu, stride, padding, dilation, groups):
@@ -258,7 +308,7 @@ def _cudnn_norm_conv_impl(x, weight, scale, shift, relu, stride, padding, dilati
 
 def _cudnn_norm_conv_setup(ctx, inputs, output):
     _norm_conv_setup(ctx, inputs, output)
-    ctx.cudnn_graphs = True  # the backward tries cuDNN's wgrad and dgrad + dReLU + dBN-weight graphs
+    ctx.family = "cudnn"  # the backward tries cuDNN's wgrad and dgrad + dReLU + dBN-weight graphs
 
 
 def _register_cudnn_norm_conv():

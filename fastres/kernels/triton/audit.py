@@ -9,11 +9,13 @@ meta device, shapes from forward hooks) and planned by the same code the launche
 launch is compiled with Triton's own binder (ints divisible by 16 marked, ints == 1 made
 constants, pointers 16-byte aligned as torch allocations are) for GPUTarget("cuda", arch, 32);
 identical specialisations compile once. Registers and spills come from the cubin (cuobjdump's
-resource usage, else ptxas -v on the PTX). Inference: eval-mode BN folded into the convs,
+resource usage; a stack frame counts as a spill only if the SASS touches local memory, STL/LDL), else
+ptxas -v on the PTX. Inference: eval-mode BN folded into the convs,
 projection blocks as one bottleneck-tail launch; training: the convs' forward launches and
 the BN kernels (phase A), and each block conv as a NormConv launch (op "norm_conv": statistics
 epilogue, and the previous BN + ReLU as prologue where it has one; its config says "prologue" /
-"stats"). Backward convs are aten's, not Triton's.
+"stats") and its backward (op "norm_conv_backward": the wgrad and dgrad kernels, "prologue" where they
+recompute the previous BN + ReLU). The phase-A convs' backward is aten's, not Triton's.
 
 Must run without TRITON_INTERPRET (the compiler needs real JIT functions).
 """
@@ -30,6 +32,7 @@ from typing import Dict, List
 
 import torch
 
+GEMM_KERNELS = ("conv2d_act_kernel", "conv2d_wgrad_kernel", "conv2d_dgrad_kernel")
 HOPPER_SHARED_MEMORY = 232448  # bytes per block (227 KiB)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -84,7 +87,7 @@ def resources(compiled, arch: int) -> dict:
     ident = id(compiled)
     if ident in _RESOURCES:
         return _RESOURCES[ident]
-    out = {"registers": None, "spill_bytes": None}
+    out = {"registers": None, "spill_bytes": None, "stack_bytes": None}
     with tempfile.TemporaryDirectory() as tmp:
         cubin = compiled.asm.get("cubin")
         cuobjdump = _tool("cuobjdump")
@@ -97,8 +100,15 @@ def resources(compiled, arch: int) -> dict:
             regs = re.search(r"REG:(\d+)", text)
             if regs:
                 out["registers"] = int(regs.group(1))
-                spill = [int(v) for v in re.findall(r"(?:STACK|LOCAL):(\d+)", text)]
-                out["spill_bytes"] = max(spill) if spill else 0
+                frame = [int(v) for v in re.findall(r"(?:STACK|LOCAL):(\d+)", text)]
+                out["stack_bytes"] = max(frame) if frame else 0
+                # A stack frame alone is not a spill (ptxas reserves small frames that nothing uses): a spill
+                # is local-memory traffic, STL/LDL in the SASS.
+                if out["stack_bytes"]:
+                    sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+                    out["spill_bytes"] = out["stack_bytes"] if re.search(r"\b(STL|LDL)\b", sass) else 0
+                else:
+                    out["spill_bytes"] = 0
         if out["registers"] is None and _tool("ptxas"):
             path = os.path.join(tmp, "k.ptx")
             with open(path, "w") as f:
@@ -108,9 +118,11 @@ def resources(compiled, arch: int) -> dict:
                                  capture_output=True, text=True)
             regs = re.search(r"Used (\d+) registers", run.stderr)
             spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", run.stderr)
+            frame = re.search(r"(\d+) bytes stack frame", run.stderr)
             if regs:
                 out["registers"] = int(regs.group(1))
                 out["spill_bytes"] = max(map(int, spills)) if spills else 0
+                out["stack_bytes"] = int(frame.group(1)) if frame else 0
     _RESOURCES[ident] = out
     return out
 
@@ -142,6 +154,8 @@ def model_calls(model_name: str, batch: int, mode: str, image: int = 224) -> Lis
             # NormConv (phase B): the same conv emitting its BN statistics, normalising its input when it
             # follows a BN + ReLU inside the block (prologue).
             calls.append(dict(calls[-1], op="norm_conv", prologue=prologue, bias=False, residual=False, relu=False))
+            # Its backward: the wgrad and dgrad kernels, recomputing the prologue from the raw input.
+            calls.append(dict(calls[-1], op="norm_conv_backward"))
         if mode == "train":
             calls.append(dict(op="batch_norm", layer=name.replace("conv", "bn").replace("downsample.0",
                                                                                        "downsample.1"),
@@ -178,11 +192,17 @@ def plans(call: dict, dtype, config_mode: str):
     from . import conv
     if call["op"] == "batch_norm":
         return [("", batch_norm_launches(call, dtype))]
-    if call["op"] == "norm_conv":
+    if call["op"] in ("norm_conv", "norm_conv_backward"):
         x, w = _meta(call["x_shape"], dtype), _meta(call["w_shape"], dtype, channels_last=False)
         channels = call["x_shape"][1]
         prologue = ((_meta((channels,), torch.float32), _meta((channels,), torch.float32), True)
                     if call["prologue"] else None)
+        if call["op"] == "norm_conv_backward":
+            from . import conv_backward
+            conv_args = (tuple(call["stride"]), tuple(call["padding"]), tuple(call["dilation"]), call["groups"])
+            g = _meta(call["out_shape"], dtype)
+            return [("", conv_backward.wgrad_plan(g, x, w, *conv_args, prologue)[1]
+                     + conv_backward.dgrad_plan(g, x, w, *conv_args, prologue)[1])]
         args = (x, w, None, tuple(call["stride"]), tuple(call["padding"]), tuple(call["dilation"]), call["groups"],
                 None, False)
         cfgs = conv.configs(*args[:2], *args[3:7], prologue=prologue is not None)
@@ -259,7 +279,7 @@ def audit(model: str = "resnet50", batches=(1, 256), dtypes=("bf16", "fp16"), mo
                         for launch in launches:
                             compiled, _ = compile_launch(launch, arch, cache)
                             ptx = compiled.asm["ptx"]
-                            is_gemm = launch.kernel.__name__ == "conv2d_act_kernel"
+                            is_gemm = launch.kernel.__name__ in GEMM_KERNELS
                             row = dict(layer=call["layer"], mode=mode, op=call["op"], kernel=launch.kernel.__name__,
                                        batch=batch, dtype=dtype_name, config=(config or "(default)") + _variant(launch),
                                        tile=_tile(launch), grid=list(launch.grid),
@@ -326,7 +346,7 @@ def main(argv=None) -> int:
                                                                       __import__("sys").argv[1:])
         with open(a.md, "w") as f:
             f.write(markdown(rows, command))
-    convs = [r for r in rows if r["kernel"] == "conv2d_act_kernel"]
+    convs = [r for r in rows if r["kernel"] in GEMM_KERNELS]
     print(f"{len(rows)} launches ({len(convs)} conv): wgmma {sum(r['wgmma'] for r in convs)}/{len(convs)}, "
           f"max regs {max((r['registers'] or 0) for r in rows)}, spilling {sum(bool(r['spill_bytes']) for r in rows)}, "
           f"max smem {max(r['shared_bytes'] for r in rows)}, "

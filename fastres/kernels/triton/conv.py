@@ -81,6 +81,19 @@ def _epilogue(acc, offs_m, m_mask, offs_n, n_mask, bias_ptr, res_ptr, y_ptr, P, 
 
 
 @triton.jit
+def normalise(a, a_mask, ch, ch_ok, scale_ptr, shift_ptr, RELU: tl.constexpr):
+    """NormConv's prologue: relu?(a * scale[ch] + shift[ch]) of a raw [rows, channels] input tile as it is
+    loaded (fp32 math, back to a's dtype). Padded taps and tails are masked again afterwards: zero padding
+    is of the normalised input, not of the raw one."""
+    sc = tl.load(scale_ptr + ch, mask=ch_ok, other=0.0)
+    sh = tl.load(shift_ptr + ch, mask=ch_ok, other=0.0)
+    af = a.to(tl.float32) * sc[None, :] + sh[None, :]
+    if RELU:
+        af = tl.where(af < 0, 0.0, af)  # keeps NaN, as torch.relu
+    return tl.where(a_mask, af, 0.0).to(a.dtype)
+
+
+@triton.jit
 def conv2d_act_kernel(
     x_ptr, x_desc, w_ptr, w_desc, x2_ptr, bias_ptr, res_ptr, y_ptr, part_ptr,
     scale_ptr, shift_ptr, cnt_ptr, smean_ptr, sm2_ptr,
@@ -177,15 +190,7 @@ def conv2d_act_kernel(
         else:
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         if PROLOGUE:
-            # NormConv: the previous BatchNorm (+ ReLU) applied to the raw input as it is loaded. Padded
-            # taps and tails are masked again afterwards: zero padding is of the normalised input.
-            ch = c_base + c
-            sc = tl.load(scale_ptr + ch, mask=k_ok, other=0.0)
-            sh = tl.load(shift_ptr + ch, mask=k_ok, other=0.0)
-            af = a.to(tl.float32) * sc[None, :] + sh[None, :]
-            if PROLOGUE_RELU:
-                af = tl.where(af < 0, 0.0, af)  # keeps NaN, as torch.relu
-            a = tl.where(a_mask, af, 0.0).to(x_ptr.dtype.element_ty)
+            a = normalise(a, a_mask, c_base + c, k_ok, scale_ptr, shift_ptr, PROLOGUE_RELU)
         if W_DESC:
             # TMA: the packed weight's [BLOCK_N, BLOCK_K] box (zero past its edges; BLOCK_K divides each
             # operand's channels, so a box never straddles two taps).
@@ -221,7 +226,7 @@ def splitk_reduce_kernel(part_ptr, bias_ptr, res_ptr, y_ptr, M, K_total, P, Q,
     mask = m_mask[:, None] & n_mask[None, :]
     off = offs_m.to(tl.int64)[:, None] * K_total + offs_n.to(tl.int64)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
+    for split in range(SPLIT_K):  # not unrolled: 16 fp32 tiles in flight spilled (fp32 sm_90 audit)
         acc += tl.load(part_ptr + split * M.to(tl.int64) * K_total + off, mask=mask, other=0.0)
     _epilogue(acc, offs_m, m_mask, offs_n, n_mask, bias_ptr, res_ptr, y_ptr, P, Q,
               srn, src, srh, srw, syn, syc, syh, syw, cnt_ptr, smean_ptr, sm2_ptr, tl.program_id(0), K_total,
