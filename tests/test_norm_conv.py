@@ -411,6 +411,26 @@ def test_training_step_on_triton_matches_torchvision(name, size, monkeypatch):
         assert _max_rel(b, r) <= max(1e-4, 10 * _max_rel(t, r)), f"buffer {bname}"
 
 
+@triton_only
+@pytest.mark.parametrize("name", ["resnet50", "resnet18"])
+def test_chain_saves_no_normalised_inner_activation(name):
+    """What autograd saves for the backward, counted on fake CUDA tensors (batch 256, 224x224, bf16: no
+    memory needed): the phase-A blocks save exactly what torchvision eager saves, and the NormConv chain
+    saves less by exactly the inner BNs' outputs relu(bn1(y1)) (and relu(bn2(y2))) of every block."""
+    from fastres.bench.memory import saved_activations_table
+    (_, tv), (_, phase_a), (_, chain) = saved_activations_table(name, 256, 224, torch.bfloat16)
+    model = getattr(torchvision.models, name)().to("meta")
+    inner = []
+    for module_name, module in model.named_modules():
+        last = "bn3" if name == "resnet50" else "bn2"
+        if module_name.startswith("layer") and module_name.split(".")[-1] in ("bn1", "bn2") and \
+                not module_name.endswith(last):
+            module.register_forward_hook(lambda m, i, out: inner.append(out.numel() * 2))
+    model(torch.empty(256, 3, 224, 224, device="meta"))
+    assert phase_a == tv
+    assert abs((tv - chain) - sum(inner) / 2 ** 20) < 1.0, (tv, chain, sum(inner) / 2 ** 20)
+
+
 # ------------------------------------------------------------------ torch.compile
 
 def _chain_step(x, w1, w2, bn_w, bn_b):

@@ -423,7 +423,9 @@ def _fake_relu_backward(grad, y):
 
 def _bn_setup(ctx, inputs, output):
     x, weight, bias, mean, invstd, residual, training, relu = inputs
-    ctx.save_for_backward(x, weight, output, mean, invstd)
+    # y is read by the backward for its ReLU mask only: without ReLU it is not kept (a projection shortcut's
+    # BN output is the block's residual, added and dead before the backward).
+    ctx.save_for_backward(x, weight, output if relu else None, mean, invstd)
     ctx.training, ctx.relu = training, relu
     ctx.has_residual, ctx.has_weight, ctx.has_bias = residual is not None, weight is not None, bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -432,6 +434,7 @@ def _bn_setup(ctx, inputs, output):
 def _bn_backward_using(backward_op):
     def backward(ctx, grad):
         x, weight, y, mean, invstd = ctx.saved_tensors
+        y = y if y is not None else x  # not read without ReLU
         needs = ctx.needs_input_grad
         need_res = ctx.has_residual and needs[5]
         need_params = (ctx.has_weight and needs[1]) or (ctx.has_bias and needs[2])
