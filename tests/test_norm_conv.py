@@ -210,9 +210,9 @@ def test_backward_kernels_match_float64(case, dtype, layout):
 
 
 @triton_only
-def test_wgrad_split_over_pixels_is_deterministic():
-    """A forced pixel split (fp32 partials summed in split order) gives the unsplit result to rounding and
-    the same bits when run again."""
+def test_backward_kernels_are_deterministic():
+    """A forced wgrad pixel split (fp32 partials summed in split order) gives the unsplit result to rounding
+    and the same bits when run again; the dgrad's outputs and sums repeat bitwise too."""
     from fastres.kernels.triton import conv_backward
     x, weight, scale, shift, g, kw = _backward_inputs(CASES[2], torch.float32, "channels_last")
     conv = [tuple(a) if isinstance(a, list) else a for a in _conv_args(kw)]
@@ -224,6 +224,8 @@ def test_wgrad_split_over_pixels_is_deterministic():
     again = conv_backward.conv2d_wgrad(g, x, weight, *conv, prologue, split=3)
     assert torch.equal(first, again)
     assert_close(first, whole.double(), torch.float32, "split wgrad")
+    dgrad = [conv_backward.conv2d_dgrad(g, x, weight, *conv, prologue) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*dgrad))  # the scale/shift sums: fixed tile order
 
 
 @triton_only
