@@ -33,6 +33,10 @@ CASES = [  # (N, C, H, W, K, kernel, stride, padding, groups, prologue, relu)
 ]
 
 
+def _case_id(case) -> str:
+    return "x".join(map(str, case[:9])) + ("p" if case[9] else "") + ("r" if case[10] else "")
+
+
 def _case(case, dtype, layout):
     n, c, h, w, k, ks, stride, pad, groups, prologue, relu = case
     x = _randn(n, c, h, w, dtype=dtype, layout=layout, seed=1, scale=2.0, shift=0.3)
@@ -59,8 +63,7 @@ def _run(backend, x, weight, scale, shift, rm, rv, kw, momentum=0.3):
 @triton_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:9])) + ("p" if c[9] else "") +
-                         ("r" if c[10] else ""))
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_triton_matches_float64(case, dtype, layout):
     x, weight, scale, shift, rm, rv, kw = _case(case, dtype, layout)
     buffers = rm.clone(), rv.clone()
@@ -187,8 +190,7 @@ def _conv_args(kw, dilation=1):
 @triton_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: "x".join(map(str, c[:9])) + ("p" if c[9] else "") +
-                         ("r" if c[10] else ""))
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=_case_id)
 def test_backward_kernels_match_float64(case, dtype, layout):
     """triton_norm_conv_wgrad (the prologue recomputed on load) and triton_norm_conv_dgrad (dReLU, dx and
     the scale/shift sums in its epilogue) against the float64 autograd of the same conv."""

@@ -81,6 +81,16 @@ def _epilogue(acc, offs_m, m_mask, offs_n, n_mask, bias_ptr, res_ptr, y_ptr, P, 
 
 
 @triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid` in grouped order: GROUP_M row tiles sweep all column tiles
+    before the next rows (L2 reuse of the column operand)."""
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % rows, (pid % in_group) // rows
+
+
+@triton.jit
 def normalise(a, a_mask, ch, ch_ok, scale_ptr, shift_ptr, RELU: tl.constexpr):
     """NormConv's prologue: relu?(a * scale[ch] + shift[ch]) of a raw [rows, channels] input tile as it is
     loaded (fp32 math, back to a's dtype). Padded taps and tails are masked again afterwards: zero padding
@@ -109,18 +119,10 @@ def conv2d_act_kernel(
     X_DESC: tl.constexpr, W_DESC: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Grouped program order: GROUP_M row tiles sweep all column tiles before the next rows.
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     group = tl.program_id(2)
     M = N * P * Q
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(K_group, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % rows
-    pid_n = (pid % in_group) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K_group, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M

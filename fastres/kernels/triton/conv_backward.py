@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv import HOPPER_SMS, Launch, _output_like, normalise
+from .conv import HOPPER_SMS, Launch, _output_like, grouped_tile, normalise
 
 
 @triton.jit
@@ -45,20 +45,14 @@ def conv2d_wgrad_kernel(
     PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     split = tl.program_id(1)
     group = tl.program_id(2)
     columns = R * S * C_group
-    num_m = tl.cdiv(K_group, BLOCK_M)
     if PACKED:
         num_n = tl.cdiv(columns, BLOCK_N)
     else:
         num_n = R * S * tl.cdiv(C_group, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % rows
-    pid_n = (pid % in_group) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(K_group, BLOCK_M), num_n, GROUP_M)
 
     k_local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k_ok = k_local < K_group
@@ -122,17 +116,11 @@ def conv2d_dgrad_kernel(
     PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     phase = tl.program_id(1)
     group = tl.program_id(2)
     M = N * HP * WP  # the pixels of one phase (h % stride_h, w % stride_w), rounded up to whole rows
     num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(C_group, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % rows
-    pid_n = (pid % in_group) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, tl.cdiv(C_group, BLOCK_N), GROUP_M)
 
     ph = phase // stride_w
     pw = phase % stride_w
