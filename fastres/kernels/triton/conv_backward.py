@@ -24,14 +24,13 @@ assumes one of them), `covers()` says so and the caller runs torch's conv backwa
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .conv import HOPPER_SMS, Launch, _output_like, grouped_tile, normalise
+from .conv import HOPPER_SMS, Config, Launch, _output_like, grouped_tile, normalise
 
 
 @triton.jit
@@ -185,17 +184,7 @@ def conv2d_dgrad_kernel(
         tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
-# ------------------------------------------------------------------ configurations and launch plans
-
-@dataclasses.dataclass(frozen=True)
-class Tiles:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-    group_m: int = 8
-
+# ------------------------------------------------------------------ launch plans (tiles: conv.Config)
 
 def _dividing(n: int, wanted: int) -> int:
     """The largest of wanted, wanted/2, wanted/4 (>= 16) dividing n, else a power of two covering n."""
@@ -239,10 +228,10 @@ def wgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
     packed = _packed(c_group, r * s)
     k_group = k // groups
     if interpret:  # few, large programs and steps: each interpreted step costs milliseconds
-        tiles = Tiles(256, 64 if packed else 256, 64, 4, 1)
+        tiles = Config(256, 64 if packed else 256, 64, 4, 1)
     else:
         wide = 64 if x.element_size() <= 2 else 32
-        tiles = Tiles(128 if k_group >= 128 else 64, 32 if packed else _dividing(c_group, wide), wide, 4, 3)
+        tiles = Config(128 if k_group >= 128 else 64, 32 if packed else _dividing(c_group, wide), wide, 4, 3)
     cols = triton.cdiv(r * s * c_group, tiles.block_n) if packed else r * s * triton.cdiv(c_group, tiles.block_n)
     grid_tiles = triton.cdiv(k_group, tiles.block_m) * cols * groups
     steps = triton.cdiv(n * p * q, tiles.block_k)
@@ -280,7 +269,7 @@ def dgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
     k_group = k // groups
     hp, wp = triton.cdiv(h, stride[0]), triton.cdiv(w, stride[1])
     if interpret:
-        tiles = Tiles(64, 128, _dividing(k_group, 128), 4, 1)
+        tiles = Config(64, 128, _dividing(k_group, 128), 4, 1)
     else:
         wide = 64 if x.element_size() <= 2 else 32
         # The prologue's backward holds the x tile beside the accumulator: at 4 warps a 128 x 64 or 64 x 128
@@ -288,7 +277,7 @@ def dgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
         fused = prologue is not None
         block_m = 128 if n * hp * wp >= 8192 and c_group <= 64 and not fused else 64
         block_n = 64 if fused and c_group >= 64 else 128 if c_group >= 128 else 64 if c_group >= 64 else 32
-        tiles = Tiles(block_m, block_n, _dividing(k_group, wide), 4, 3)
+        tiles = Config(block_m, block_n, _dividing(k_group, wide), 4, 3)
     num_m = triton.cdiv(n * hp * wp, tiles.block_m)
     phases = stride[0] * stride[1]
     wt = weight.detach().permute(2, 3, 0, 1).contiguous()  # [R, S, K, C_group]: channel rows contiguous
