@@ -442,6 +442,18 @@ class Launch:
     mma_useful: int = 0
 
 
+def precision(dtype, interpret: bool) -> str:
+    """tl.dot's input precision: fp32 follows torch's TF32 switch for convolutions, so "exact fp32" means
+    the same thing here as in cuDNN."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpret else "ieee"
+
+
+def run(launches) -> None:
+    for launch in launches:
+        launch.kernel[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,
+                                   num_stages=launch.num_stages)
+
+
 def _output_like(x: torch.Tensor, shape, dtype) -> torch.Tensor:
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.empty(shape, device=x.device, dtype=dtype,
@@ -519,9 +531,7 @@ def plan(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], st
              # The interpreter's bf16 dot is wrong (docs/design.md, "Measured facts"): accumulate from fp32
              # operands there.
              UPCAST=interpret,
-             # fp32 follows torch's TF32 switch for convolutions, so "exact fp32" means the same thing here.
-             PRECISION="tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpret
-             else "ieee",
+             PRECISION=precision(x.dtype, interpret),
              PACKED=problem.packed, SPLIT_K=split, X_DESC=use_x_desc, W_DESC=use_desc, GROUP_M=cfg.group_m,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
         cfg.num_warps, cfg.num_stages,
@@ -551,7 +561,5 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     result is (y, mean, var)."""
     out, launches = plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, second=second,
                          config=config, prologue=prologue, stats=stats)
-    for launch in launches:
-        launch.kernel[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,
-                                   num_stages=launch.num_stages)
+    run(launches)
     return out

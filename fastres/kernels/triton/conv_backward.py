@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv import HOPPER_SMS, Config, Launch, _output_like, grouped_tile, normalise
+from .conv import HOPPER_SMS, Config, Launch, Problem, _output_like, grouped_tile, normalise, precision, run
 
 
 @triton.jit
@@ -194,26 +194,11 @@ def _dividing(n: int, wanted: int) -> int:
     return max(16, min(wanted, triton.next_power_of_2(n)))
 
 
-def _packed(c_group: int, taps: int) -> bool:
-    return taps > 1 and (c_group < 16 or c_group % 16 != 0)  # as the forward's Problem.packed
-
-
 def covers(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> Optional[str]:
     """None when the dgrad kernel covers the call, else why not (the wgrad covers every conv)."""
     if (stride[0] > 1 and dilation[0] > 1) or (stride[1] > 1 and dilation[1] > 1):
         return "dgrad of a conv with both stride and dilation > 1 is not covered"
     return None
-
-
-def _precision(dtype, interpret: bool) -> str:
-    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpret else "ieee"
-
-
-def _out_size(x, weight, stride, padding, dilation):
-    h, w = x.shape[2:]
-    r, s = weight.shape[2:]
-    return ((h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1,
-            (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1)
 
 
 def wgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
@@ -225,8 +210,8 @@ def wgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
     k, c_group, r, s = weight.shape
     p, q = g.shape[2:]
     interpret = x.device.type == "cpu"
-    packed = _packed(c_group, r * s)
     k_group = k // groups
+    packed = Problem(0, k_group, groups, c_group, r * s, 0, x.element_size()).packed  # as the forward decodes
     if interpret:  # few, large programs and steps: each interpreted step costs milliseconds
         tiles = Config(256, 64 if packed else 256, 64, 4, 1)
     else:
@@ -247,7 +232,7 @@ def wgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
         [g, x, scale, shift, out, n, c_group, h, w, k_group, p, q, r, s, *stride, *padding, *dilation,
          *g.stride(), *x.stride(), *dw.stride(), dw.numel() if split > 1 else 0, per_split],
         dict(PROLOGUE=prologue is not None, PROLOGUE_RELU=bool(relu), PACKED=packed, UPCAST=interpret,
-             PRECISION=_precision(x.dtype, interpret), GROUP_M=tiles.group_m,
+             PRECISION=precision(x.dtype, interpret), GROUP_M=tiles.group_m,
              BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k),
         tiles.num_warps, tiles.num_stages,
         mma_issued=grid_tiles * tiles.block_m * tiles.block_n * steps * tiles.block_k,
@@ -294,7 +279,7 @@ def dgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
         [g, wt, x, scale, shift, dx, pdot, psum, n, c_group, h, w, k_group, p, q, r, s, *stride, *padding,
          *dilation, hp, wp, *g.stride(), wt.stride(0), wt.stride(1), wt.stride(2), *x.stride(), *dx.stride()],
         dict(PROLOGUE=prologue is not None, PROLOGUE_RELU=bool(relu), UPCAST=interpret,
-             PRECISION=_precision(x.dtype, interpret), GROUP_M=tiles.group_m,
+             PRECISION=precision(x.dtype, interpret), GROUP_M=tiles.group_m,
              BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k),
         tiles.num_warps, tiles.num_stages,
         mma_issued=num_m * tiles.block_m * triton.cdiv(c_group, tiles.block_n) * tiles.block_n * groups * taps
@@ -303,18 +288,12 @@ def dgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
     return (dx, pdot, psum), [launch]
 
 
-def _run(launches):
-    for launch in launches:
-        launch.kernel[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,
-                                   num_stages=launch.num_stages)
-
-
 def conv2d_wgrad(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
                  prologue: Optional[tuple] = None, split: Optional[int] = None) -> torch.Tensor:
     """The weight gradient (weight's shape and dtype). `prologue` = (scale, shift, relu), fp32 per input
     channel, as the forward's; `split` forces a pixel split (tests), None = the plan's."""
     out, launches, reduce = wgrad_plan(g, x, weight, stride, padding, dilation, groups, prologue, split)
-    _run(launches)
+    run(launches)
     return out if reduce is None else reduce(out)
 
 
@@ -323,7 +302,7 @@ def conv2d_dgrad(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride,
     """dx, or with a prologue (dx, d scale, d shift): the gradient of the raw x through relu?(x * scale +
     shift) and the sums of gz * x and gz per channel (fp32)."""
     (dx, pdot, psum), launches = dgrad_plan(g, x, weight, stride, padding, dilation, groups, prologue)
-    _run(launches)
+    run(launches)
     if prologue is None:
         return dx
     return dx, pdot.sum(0), psum.sum(0)  # a fixed order over tiles: deterministic
