@@ -325,7 +325,7 @@ class Problem:
 
 def _interpret_config(problem: Problem) -> Config:
     # The CPU interpreter costs milliseconds per program and step: big tiles, few programs.
-    return Config(64, 64, problem.block_k_for(32), 4, 1, 1, 8)
+    return Config(128, 256, problem.block_k_for(128), 4, 1, 1, 8)
 
 
 def pick_config(problem: Problem, interpret: bool) -> Config:

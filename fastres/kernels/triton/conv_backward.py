@@ -213,7 +213,7 @@ def wgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
     k_group = k // groups
     packed = Problem(0, k_group, groups, c_group, r * s, 0, x.element_size()).packed  # as the forward decodes
     if interpret:  # few, large programs and steps: each interpreted step costs milliseconds
-        tiles = Config(256, 64 if packed else 256, 64, 4, 1)
+        tiles = Config(256, 64 if packed else 256, 128, 4, 1)
     else:
         wide = 64 if x.element_size() <= 2 else 32
         tiles = Config(128 if k_group >= 128 else 64, 32 if packed else _dividing(c_group, wide), wide, 4, 3)
@@ -254,7 +254,7 @@ def dgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
     k_group = k // groups
     hp, wp = triton.cdiv(h, stride[0]), triton.cdiv(w, stride[1])
     if interpret:
-        tiles = Config(64, 128, _dividing(k_group, 128), 4, 1)
+        tiles = Config(128, 256, _dividing(k_group, 256), 4, 1)
     else:
         wide = 64 if x.element_size() <= 2 else 32
         # The prologue's backward holds the x tile beside the accumulator: at 4 warps a 128 x 64 or 64 x 128
