@@ -91,6 +91,15 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def decode_tap(kk, S, C_group):
+    """(r, s, c) of packed K indices kk = (r * S + s) * C_group + c (the weight's packed column order)."""
+    r = kk // (S * C_group)
+    rem = kk - r * (S * C_group)
+    s = rem // C_group
+    return r, s, rem - s * C_group
+
+
+@triton.jit
 def normalise(a, a_mask, ch, ch_ok, scale_ptr, shift_ptr, RELU: tl.constexpr):
     """NormConv's prologue: relu?(a * scale[ch] + shift[ch]) of a raw [rows, channels] input tile as it is
     loaded (fp32 math, back to a's dtype). Padded taps and tails are masked again afterwards: zero padding
@@ -150,10 +159,7 @@ def conv2d_act_kernel(
         if PACKED:
             kk = i * BLOCK_K + offs_k
             k_ok = kk < reduction1
-            r = kk // (S * C_group)
-            rem = kk - r * (S * C_group)
-            s = rem // C_group
-            c = rem - s * C_group
+            r, s, c = decode_tap(kk, S, C_group)
             ih = ih0[:, None] + (r * dil_h)[None, :]
             iw = iw0[:, None] + (s * dil_w)[None, :]
             a_mask = m_mask[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv import HOPPER_SMS, Config, Launch, Problem, _output_like, grouped_tile, normalise, precision, run
+from .conv import HOPPER_SMS, Config, Launch, Problem, _output_like, decode_tap, grouped_tile, normalise, precision, run
 
 
 @triton.jit
@@ -60,10 +60,7 @@ def conv2d_wgrad_kernel(
     if PACKED:
         col = pid_n * BLOCK_N + offs_n
         col_ok = col < columns
-        r = col // (S * C_group)
-        rem = col - r * (S * C_group)
-        s = rem // C_group
-        c = rem - s * C_group
+        r, s, c = decode_tap(col, S, C_group)
     else:
         cb = tl.cdiv(C_group, BLOCK_N)
         rs = pid_n // cb
