@@ -156,11 +156,16 @@ triton_bottleneck_tail.register_autograd(_tail_backward, setup_context=_tail_set
 # exact BatchNorm training gradient. The backward saves the RAW input x (never relu(bn(x))) and y
 # (the next layer's input, saved there anyway) and recomputes the prologue.
 
+def _prologue_args(scale: Optional[Tensor], shift: Optional[Tensor], relu: bool) -> Optional[tuple]:
+    """The Triton kernels' `prologue` argument: fp32 contiguous scale/shift and the ReLU flag, or None."""
+    return None if scale is None else (scale.float().contiguous(), shift.float().contiguous(), relu)
+
+
 @torch.library.custom_op(f"{LIB}::triton_norm_conv", mutates_args=())
 def triton_norm_conv(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], relu: bool,
                      stride: List[int], padding: List[int], dilation: List[int], groups: int,
                      config: str = "") -> tuple[Tensor, Tensor, Tensor]:
-    prologue = None if scale is None else (scale.float().contiguous(), shift.float().contiguous(), relu)
+    prologue = _prologue_args(scale, shift, relu)
     return _kernel("conv").conv2d_act(x, weight, None, tuple(stride), tuple(padding), tuple(dilation), groups, None,
                                     False, config=config, prologue=prologue, stats=True)
 
@@ -263,7 +268,7 @@ def triton_norm_conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, scale: Optio
                            relu: bool, stride: List[int], padding: List[int], dilation: List[int],
                            groups: int) -> Tensor:
     """d weight of conv2d(relu?(x * scale + shift)), the prologue recomputed from the raw x as it is loaded."""
-    prologue = None if scale is None else (scale.float().contiguous(), shift.float().contiguous(), relu)
+    prologue = _prologue_args(scale, shift, relu)
     return _kernel("conv_backward").conv2d_wgrad(grad, x, weight, tuple(stride), tuple(padding), tuple(dilation),
                                                groups, prologue)
 
@@ -279,7 +284,7 @@ def triton_norm_conv_dgrad(grad: Tensor, x: Tensor, weight: Tensor, scale: Optio
                            dilation: List[int], groups: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, d scale, d shift) through the prologue in the dgrad's epilogue (dReLU, gz * scale, the sums of
     gz * x and gz); without a prologue (dx, empty, empty)."""
-    prologue = None if scale is None else (scale.float().contiguous(), shift.float().contiguous(), relu)
+    prologue = _prologue_args(scale, shift, relu)
     out = _kernel("conv_backward").conv2d_dgrad(grad, x, weight, tuple(stride), tuple(padding), tuple(dilation),
                                               groups, prologue)
     if prologue is None:
