@@ -334,6 +334,12 @@ def test_cpu_default_training_step_never_calls_norm_conv(monkeypatch):
 
 # ------------------------------------------------------------------ the ResNet chain
 
+# The blocks whose tail (last conv + BN + shortcut + ReLU) the chain recomputes in the backward: every
+# conv in it at most 64 multiply-adds per output (nn.fused.RECOMPUTE_MAX_MACS): ResNet-50's layer1
+# (1x1 convs from 64 channels); none of ResNet-18's (3x3 last convs).
+RECOMPUTED_TAILS = {"resnet50": ("layer1.0", "layer1.1", "layer1.2"), "resnet18": ()}
+
+
 def _train_steps(model, xs):
     model.train()
     for x in xs:
@@ -360,10 +366,16 @@ def _chain_counter(monkeypatch, module, name):
 
 
 def _assert_every_block_chained(model, chained, steps, name):
-    blocks = sum(isinstance(m, (fastres.BasicBlock, fastres.Bottleneck)) for m in model.modules())
+    """Every conv ran as a norm_conv each step: the stem's, each block's (all but its first with a BN
+    prologue), each projection's; and the backward reran the recomputed tails' convs (conv3, with its
+    prologue, and the projection)."""
+    blocks = [m for m in model.modules() if isinstance(m, (fastres.BasicBlock, fastres.Bottleneck))]
     per_block = 3 if name == "resnet50" else 2
-    assert len(chained) == steps * blocks * per_block  # every block took the chain
-    assert sum(chained) == steps * blocks * (per_block - 1)  # all but each block's first conv normalise
+    projections = sum(b.downsample is not None for b in blocks)
+    tails = [model.get_submodule(t) for t in RECOMPUTED_TAILS[name]]
+    reruns = len(tails) + sum(t.downsample is not None for t in tails)
+    assert len(chained) == steps * (1 + len(blocks) * per_block + projections + reruns)
+    assert sum(chained) == steps * (len(blocks) * (per_block - 1) + len(tails))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
@@ -417,22 +429,35 @@ def test_training_step_on_triton_matches_torchvision(name, size, monkeypatch):
 
 @triton_only
 @pytest.mark.parametrize("name", ["resnet50", "resnet18"])
-def test_chain_saves_no_normalised_inner_activation(name):
+def test_chain_saves_exactly_the_tensors_it_drops(name):
     """What autograd saves for the backward, counted on fake CUDA tensors (batch 256, 224x224, bf16: no
     memory needed): the phase-A blocks save exactly what torchvision eager saves, and the NormConv chain
-    saves less by exactly the inner BNs' outputs relu(bn1(y1)) (and relu(bn2(y2))) of every block."""
+    saves less by exactly: the inner BNs' outputs relu(bn1(y1)) (and relu(bn2(y2))) of every block, the
+    stem's relu(bn1(y)) and its max-pool's int64 indices (recomputed from conv1's output), and the conv
+    outputs of each recomputed tail (conv3's and the projection's). The counted step peak (forward +
+    backward, LiveBytes) is at least 25% below torchvision's."""
     from fastres.bench.memory import saved_activations_table
-    (_, tv), (_, phase_a), (_, chain) = saved_activations_table(name, 256, 224, torch.bfloat16)
+    (_, tv, tv_peak), (_, phase_a, phase_a_peak), (_, chain, chain_peak) = \
+        saved_activations_table(name, 256, 224, torch.bfloat16)
     model = getattr(torchvision.models, name)().to("meta")
-    inner = []
+    dropped = []
+
+    def drop(nbytes_per_element):
+        return lambda m, i, out: dropped.append(out.numel() * nbytes_per_element)
+    last = "bn3" if name == "resnet50" else "bn2"
     for module_name, module in model.named_modules():
-        last = "bn3" if name == "resnet50" else "bn2"
         if module_name.startswith("layer") and module_name.split(".")[-1] in ("bn1", "bn2") and \
                 not module_name.endswith(last):
-            module.register_forward_hook(lambda m, i, out: inner.append(out.numel() * 2))
+            module.register_forward_hook(drop(2))  # relu(bn(y)) of an inner conv (bf16)
+    for block in map(model.get_submodule, RECOMPUTED_TAILS[name]):
+        for conv in (block.conv3, *([block.downsample[0]] if block.downsample is not None else [])):
+            conv.register_forward_hook(drop(2))  # conv3's output, the projection conv's output
+    model.bn1.register_forward_hook(drop(2))  # the stem's relu(bn1(y)) (ReLU in place)
+    model.maxpool.register_forward_hook(drop(8))  # its int64 indices, one per output
     model(torch.empty(256, 3, 224, 224, device="meta"))
-    assert phase_a == tv
-    assert abs((tv - chain) - sum(inner) / 2 ** 20) < 1.0, (tv, chain, sum(inner) / 2 ** 20)
+    assert phase_a == tv and phase_a_peak == tv_peak
+    assert abs((tv - chain) - sum(dropped) / 2 ** 20) < 1.0, (tv, chain, sum(dropped) / 2 ** 20)
+    assert chain_peak <= 0.75 * tv_peak, (chain_peak, tv_peak)
 
 
 # ------------------------------------------------------------------ torch.compile
@@ -461,3 +486,29 @@ def test_compile_fullgraph_training_step(backend):
     assert_close(got.detach(), expected.detach(), torch.float32, "loss")
     for a, b in zip(compiled, eager):
         assert_close(a.grad, b.grad, torch.float32, "grad")
+
+
+def test_compile_fullgraph_model_training_step(monkeypatch):
+    """A whole training step of a small Bottleneck ResNet on the chain -- the stem's and layer1's
+    recomputed segments included -- compiled fullgraph: output, every gradient and buffer as eager's
+    (which recomputes through torch.utils.checkpoint; compiled, the partitioner decides). The chain runs
+    on the reference norm_conv here (the Triton operators' compile is test_compile_fullgraph_training_step)."""
+    from fastres.ops import reference
+    monkeypatch.setattr(dispatch, "fast_path_covers", lambda op, args: op == "norm_conv")
+    chained = _chain_counter(monkeypatch, reference, "norm_conv")
+    torch.manual_seed(0)
+    model = fastres.ResNet(fastres.Bottleneck, [1, 1, 1, 1], num_classes=5)
+    twin = copy.deepcopy(model)
+    x = _randn(2, 3, 32, 32, seed=3, layout="channels_last")
+    with fastres.use_backend("torch"):
+        out_e, grads_e, buffers_e = _train_steps(twin, [x])
+        eager_calls, chained[:] = len(chained), []
+        torch._dynamo.reset()
+        out_c, grads_c, buffers_c = _train_steps(torch.compile(model, fullgraph=True, backend="aot_eager"), [x])
+    assert eager_calls == 1 + 4 * 3 + 4 + 2  # stem, 4 blocks, 4 projections, layer1's tail rerun (conv3, projection)
+    assert len(chained) == 1 + 4 * 3 + 4  # traced once, nothing rerun: the compiled graph holds the chain
+    assert _max_rel(out_c, out_e) <= 1e-5
+    for (pname, _), g, r in zip(model.named_parameters(), grads_c, grads_e):
+        assert _max_rel(g, r) <= 1e-4, f"grad {pname}"
+    for (bname, _), b, r in zip(model.named_buffers(), buffers_c, buffers_e):
+        assert torch.equal(b, r) if b.dtype == torch.int64 else _max_rel(b, r) <= 1e-5, f"buffer {bname}"

@@ -3,9 +3,12 @@ inputs and optimizer state included, as a user sees it). On a CPU there is no al
 high-water mark to reset, and max-RSS only grows, so the figure is reported as n/a."""
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional
 
 import torch
+import torch.utils._pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 CPU_NOTE = "n/a on CPU (no resettable allocator peak)"
 
@@ -25,14 +28,14 @@ def format_memory(nbytes: Optional[int]) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2 ** 20:.0f} MiB"
 
 
-# ------------------------------------------------------------------ saved activations, without a GPU
+# ------------------------------------------------------------------ counted without a GPU
 
 def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd saves for the backward during model(x), parameters and
     buffers excluded: the activation memory a training step holds at the end of its forward. Counted
     through saved-tensor hooks, so it works on fake tensors (no memory, no GPU) and is exact for what
-    autograd saves; a GPU's peak (peak_memory_bytes) adds the weights, gradients and transient
-    workspaces."""
+    autograd saves; tensors a recomputed segment keeps for its backward (torch.utils.checkpoint) are held
+    outside the hooks and are not seen here: step_peak_bytes counts those too."""
     held = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     seen = {}
 
@@ -47,10 +50,58 @@ def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+class LiveBytes(TorchDispatchMode):
+    """The high-water mark of live tensor storage over what runs inside it: every storage an operator
+    returns counts from its creation until it is freed (a weak reference on the storage), the storages
+    given to `hold` count from the start. Works on fake tensors, so a GPU-sized training step is counted
+    on any machine. What it cannot see: memory a kernel allocates and frees inside one operator (cuDNN
+    workspaces, split-K partials) and the caching allocator's rounding and fragmentation."""
+
+    def __init__(self, hold=()):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs = {}
+        for t in hold:
+            self._add(t)
+
+    def _add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._refs:
+            return
+        nbytes = storage.nbytes()
+        self._refs[key] = weakref.ref(storage, lambda _, key=key, nbytes=nbytes: self._free(key, nbytes))
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+    def _free(self, key, nbytes: int) -> None:
+        if self._refs.pop(key, None) is not None:
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        return out
+
+
+def step_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Peak live tensor bytes of one training step, forward and backward (LiveBytes): the parameters,
+    buffers and input from the start, then every activation, saved tensor, transient and gradient
+    while it lives. The counted stand-in for torch.cuda.max_memory_allocated where there is no GPU."""
+    model.zero_grad(set_to_none=True)
+    with LiveBytes(hold=(*model.parameters(), *model.buffers(), x)) as live:
+        model(x).float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return live.peak
+
+
 def saved_activations_table(model_name: str = "resnet50", batch: int = 256, image: int = 224,
                             dtype: torch.dtype = torch.bfloat16) -> list:
-    """[(what, MiB)] for one training forward on fake CUDA tensors: torchvision eager, fastres's phase-A
-    blocks (backend "torch") and the NormConv chain (backend "triton", its operators' fake kernels)."""
+    """[(what, saved MiB, step peak MiB)] for one training step on fake CUDA tensors: torchvision eager,
+    fastres's phase-A blocks (backend "torch") and the NormConv chain (backend "triton", its operators'
+    fake kernels)."""
     import torchvision
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -58,21 +109,30 @@ def saved_activations_table(model_name: str = "resnet50", batch: int = 256, imag
     if not fastres.ops.registry.triton_status()[0]:
         raise RuntimeError("the NormConv chain needs the Triton backend: set TRITON_INTERPRET=1 on a machine "
                            "without a GPU")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # parameters made in dtype (fake parameters cannot be converted)
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+    def count(device: str, measure) -> list:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.device(device):
             x = torch.empty(batch, 3, image, image, dtype=dtype).contiguous(memory_format=torch.channels_last)
             tv = getattr(torchvision.models, model_name)().train()
             fr = getattr(fastres, model_name)().train()
-            rows = [("torchvision eager", saved_activation_bytes(tv, x))]
-            for label, backend in (("fastres phase A (backend torch)", "torch"),
-                                   ("fastres NormConv chain (backend triton)", "triton")):
+            counts = [measure(tv, x)]
+            for backend in ("torch", "triton"):
                 with fastres.use_backend(backend):
-                    rows.append((label, saved_activation_bytes(fr, x)))
+                    counts.append(measure(fr, x))
+        return counts
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters made in dtype (fake parameters cannot be converted)
+    try:
+        saved = count("cuda", saved_activation_bytes)
+        # The backward runs on fake CPU tensors: autograd's engine asks for a CUDA context for CUDA
+        # tensors, fake or not. What a step allocates does not depend on the device (the Triton path runs
+        # on CPU tensors under TRITON_INTERPRET=1, the same operators and fakes).
+        peaks = count("cpu", step_peak_bytes)
     finally:
         torch.set_default_dtype(previous)
-    return [(what, nbytes / 2 ** 20) for what, nbytes in rows]
+    labels = ("torchvision eager", "fastres phase A (backend torch)", "fastres NormConv chain (backend triton)")
+    rows = list(zip(labels, saved, peaks))
+    return [(what, saved / 2 ** 20, peak / 2 ** 20) for what, saved, peak in rows]
 
 
 def main(argv=None) -> int:
@@ -86,12 +146,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     a = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    print("| model | batch | dtype | implementation | saved for backward (MiB) | vs torchvision eager |")
-    print("|---|---|---|---|---|---|")
+    print("| model | batch | dtype | implementation | saved for backward (MiB) | vs torchvision | "
+          "step peak, counted (MiB) | vs torchvision |")
+    print("|---|---|---|---|---|---|---|---|")
     for model in a.model.split(","):
         rows = saved_activations_table(model, a.batch, a.image, dtype)
-        for what, mib in rows:
-            print(f"| {model} | {a.batch} | {a.dtype} | {what} | {mib:.0f} | {mib / rows[0][1] - 1:+.1%} |")
+        for what, saved, peak in rows:
+            print(f"| {model} | {a.batch} | {a.dtype} | {what} | {saved:.0f} | {saved / rows[0][1] - 1:+.1%} | "
+                  f"{peak:.0f} | {peak / rows[0][2] - 1:+.1%} |")
     return 0
 
 

@@ -16,10 +16,11 @@ from torch.fx import Proxy
 from torchvision.models import resnet as tv_resnet
 
 from .. import ops
-from ..nn import (batch_norm_act, bn_prologue, conv_bn_act, conv_bn_stats, folded_conv_bn, fusable_pair, fusable_relu,
-                  memory_format_of, norm_conv_chain_applies, uses_running_stats)
+from ..nn import (batch_norm_act, bn_prologue, cheap_to_recompute, conv_bn_act, conv_bn_stats, folded_conv_bn,
+                  fusable_pair, fusable_relu, memory_format_of, norm_conv_chain_applies, recomputed,
+                  uses_running_stats)
 from ..nn.folding import invalidate_all
-from ..nn.fused import _no_global_hooks, has_hooks
+from ..nn.fused import _no_global_hooks, has_hooks, norm_conv_chain_pair
 from ..ops import checks, dispatch
 from .tracing import unfused_forward
 from .weights import legacy_interface, load_weights, verify_weights
@@ -75,17 +76,62 @@ class _InvalidatesFolds:
         return super()._apply(*args, **kwargs)
 
 
+def _chain_projection(block):
+    """(conv, bn) of the block's projection shortcut where it can run in the chain (statistics from its
+    conv's epilogue), else None."""
+    pair = _projection(block.downsample)
+    return pair if pair is not None and norm_conv_chain_pair(*pair) else None
+
+
+def _chain_shortcut(block, x: Tensor, reruns: Optional[dict]) -> Tensor:
+    pair = _chain_projection(block)
+    if pair is None:
+        return _shortcut(block, x)
+    y, mean, invstd = conv_bn_stats(pair[0], pair[1], x, reruns=reruns)
+    return batch_norm_act(pair[1], y, relu=False, stats=(mean, invstd))
+
+
+def _tail_recomputed(block, last_conv) -> bool:
+    """Whether the block's tail (last conv + its BN + the shortcut + ReLU) is recomputed in the backward
+    rather than its conv outputs saved: where every conv in it is cheap to recompute (layer1 of a
+    ResNet-50: 1x1 convs from 64 channels) and the shortcut is the identity or a chain projection (a
+    module shortcut could have state a rerun would update twice)."""
+    if not cheap_to_recompute(last_conv):
+        return False
+    if block.downsample is None:
+        return True
+    pair = _chain_projection(block)
+    return pair is not None and cheap_to_recompute(pair[0])
+
+
 def _norm_conv_chain(block, pairs, x: Tensor) -> Tensor:
     """Training NormConv chain: each conv emits its BN's batch statistics and the next conv applies that
     BN + ReLU in its prologue, so relu(bn(y)) of the inner convs is never written; the last BN (+ the
-    shortcut, ReLU) is the block's output, applied with the statistics the last conv emitted."""
-    (first_conv, first_bn), *rest = pairs
+    shortcut, ReLU) is the block's output, applied with the statistics the last conv emitted. Where that
+    tail is cheap to recompute, the backward recomputes it and its conv outputs are not held."""
+    (first_conv, first_bn), *middle, (last_conv, last_bn) = pairs
     y, mean, invstd = conv_bn_stats(first_conv, first_bn, x)
     previous = first_bn
-    for conv, bn in rest:
+    for conv, bn in middle:
         y, mean, invstd = conv_bn_stats(conv, bn, y, prologue=bn_prologue(previous, mean, invstd))
         previous = bn
-    return batch_norm_act(previous, y, residual=_shortcut(block, x), relu=True, stats=(mean, invstd))
+
+    def tail(reruns, y, mean, invstd, x):
+        y, last_mean, last_invstd = conv_bn_stats(last_conv, last_bn, y, prologue=bn_prologue(previous, mean, invstd),
+                                                  reruns=reruns)
+        return batch_norm_act(last_bn, y, residual=_chain_shortcut(block, x, reruns), relu=True,
+                              stats=(last_mean, last_invstd))
+
+    if _tail_recomputed(block, last_conv):
+        return recomputed(tail, y, mean, invstd, x)
+    return tail(None, y, mean, invstd, x)
+
+
+def _stem_chain_applies(model, x: Tensor) -> bool:
+    """Whether the training stem runs as conv (statistics in its epilogue) -> BN + ReLU + max-pool
+    recomputed in the backward: a plain max-pool and a chain pair a fast norm_conv covers."""
+    return (type(model.maxpool) is nn.MaxPool2d and not has_hooks(model.maxpool)
+            and norm_conv_chain_applies([(model.conv1, model.bn1)], x))
 
 
 def _block_forward(block, x: Tensor, pairs) -> Tensor:
@@ -235,8 +281,7 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
         return self.fc(x)
 
     def _fused_forward(self, x: Tensor) -> Tensor:
-        x = conv_bn_act(self.conv1, self.bn1, x, relu=True)
-        x = self.maxpool(x)
+        x = self._stem(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
@@ -244,6 +289,16 @@ class ResNet(_InvalidatesFolds, tv_resnet.ResNet):
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+    def _stem(self, x: Tensor) -> Tensor:
+        """conv1 -> bn1 -> ReLU -> max-pool. In training where the chain applies, bn1's statistics come
+        from conv1's epilogue and BN + ReLU + max-pool are recomputed in the backward from conv1's output
+        (which BN's backward needs anyway): neither relu(bn1(y)) nor the pool's indices are held."""
+        if self.training and not isinstance(x, Proxy) and _stem_chain_applies(self, x):
+            y, mean, invstd = conv_bn_stats(self.conv1, self.bn1, x)
+            return recomputed(lambda _, y, mean, invstd: self.maxpool(
+                batch_norm_act(self.bn1, y, relu=True, stats=(mean, invstd))), y, mean, invstd)
+        return self.maxpool(conv_bn_act(self.conv1, self.bn1, x, relu=True))
 
     def _activations_private(self) -> bool:
         """Whether only this forward sees the blocks' outputs (so a block may write its output over its

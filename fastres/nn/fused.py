@@ -117,7 +117,8 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, *, residual: Op
 
 # ---------------------------------------------------------------- NormConv chain (training)
 
-def _chain_pair(conv: nn.Module, bn: nn.Module) -> bool:
+def norm_conv_chain_pair(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether (conv, bn) can run as one NormConv step: a fusable pair, no conv bias, BN in training."""
     return fusable_pair(conv, bn) and isinstance(bn, _BatchNorm) and conv.bias is None and bn.training
 
 
@@ -125,7 +126,7 @@ def norm_conv_chain_applies(pairs, x: torch.Tensor) -> bool:
     """Whether a training block of (conv, bn) pairs runs as a NormConv chain: every pair fusable and in
     training, and a non-reference norm_conv implementation covers the first conv (elsewhere -- the CPU
     default, backend "torch" -- the block keeps its phase-A path unchanged)."""
-    if not all(_chain_pair(conv, bn) for conv, bn in pairs):
+    if not all(norm_conv_chain_pair(conv, bn) for conv, bn in pairs):
         return False
     if x.numel() == 0:  # an empty batch: the module path returns an empty result like torch
         return False
@@ -136,20 +137,59 @@ def norm_conv_chain_applies(pairs, x: torch.Tensor) -> bool:
         momentum=0.1, eps=bn.eps))
 
 
-def conv_bn_stats(conv: nn.Conv2d, bn: Optional[_BatchNorm], x: torch.Tensor, prologue: Optional[tuple] = None):
+def conv_bn_stats(conv: nn.Conv2d, bn: Optional[_BatchNorm], x: torch.Tensor, prologue: Optional[tuple] = None,
+                  reruns: Optional[dict] = None):
     """(y, mean, invstd): y = conv(relu?(x * scale + shift)) (prologue = (scale, shift, relu), the previous
     BN's apply) with the batch statistics of y for `bn`, whose running buffers and batch count are updated
-    as nn.BatchNorm2d does. bn=None: statistics only, nothing updated."""
+    as nn.BatchNorm2d does. bn=None: statistics only, nothing updated. reruns: the memo of a recomputed
+    segment (`recomputed`): its first run updates bn's buffers and notes the momentum used; a rerun (the
+    backward's) uses the same momentum on scratch copies, so the buffers are updated once and the rerun
+    takes the same implementation (same dispatch signature) and so recomputes the same y."""
     scale, shift, relu = prologue if prologue is not None else (None, None, False)
     track = bn is not None and bn.track_running_stats and bn.running_mean is not None
-    factor = _momentum_factor(bn) if bn is not None else 0.0
+    running_mean, running_var = (bn.running_mean, bn.running_var) if track else (None, None)
+    if reruns is not None and bn is not None and id(bn) in reruns:
+        factor = reruns[id(bn)]
+        if track:
+            running_mean, running_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
+            track = False
+    else:
+        factor = _momentum_factor(bn) if bn is not None else 0.0
+        if reruns is not None and bn is not None:
+            reruns[id(bn)] = factor
     out = ops.norm_conv(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups, scale=scale,
-                        shift=shift, relu=relu, running_mean=bn.running_mean if track else None,
-                        running_var=bn.running_var if track else None, momentum=factor,
+                        shift=shift, relu=relu, running_mean=running_mean, running_var=running_var, momentum=factor,
                         eps=bn.eps if bn is not None else 1e-5)
     if track:
         invalidate_all()
     return out
+
+
+# What a recomputed segment may cost: multiply-adds per recomputed output element. At <= 64 (a 1x1 conv
+# from 64 channels, a BN apply, a max-pool) the recompute is memory-bound on the GPUs fastres targets
+# (H100: ~800 TFLOP/s bf16 against ~3 TB/s, ~130 MACs per byte moved), so it costs about one more read of
+# its inputs and write of its output, while its output is not held from the forward to the backward.
+RECOMPUTE_MAX_MACS = 64
+
+
+def cheap_to_recompute(conv: nn.Conv2d) -> bool:
+    """Whether one output element of conv costs at most RECOMPUTE_MAX_MACS multiply-adds."""
+    kh, kw = conv.kernel_size
+    return kh * kw * conv.in_channels // conv.groups <= RECOMPUTE_MAX_MACS
+
+
+def recomputed(fn, *tensors: torch.Tensor):
+    """fn(reruns, *tensors), holding for the backward only `tensors` (which the caller keeps anyway) and
+    running fn again in the backward for whatever its backward needs (torch.utils.checkpoint,
+    non-reentrant). `reruns` is a memo fn passes to conv_bn_stats so that BN buffers are updated once.
+    Plain call (nothing recomputed) without gradients, and under torch.compile, whose partitioner chooses
+    what to save and what to recompute on its own."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return fn(None, *tensors)
+    import torch.utils.checkpoint as checkpoint
+    reruns: dict = {}
+    return checkpoint.checkpoint(lambda *args: fn(reruns, *args), *tensors, use_reentrant=False,
+                                 preserve_rng_state=False)
 
 
 def bn_prologue(bn: _BatchNorm, mean: torch.Tensor, invstd: torch.Tensor, relu: bool = True) -> tuple:
