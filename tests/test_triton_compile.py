@@ -71,11 +71,13 @@ def test_norm_conv_launches_compile_as_fast_kernels(audit_rows):
     BN + ReLU with the prologue; the audit's config says so. wgmma and no spills are checked for every
     row above; here: they are there, and the prologue convs still issue wgmma."""
     norm = [r for r in audit_rows if r["op"] == "norm_conv"]
-    assert {r["layer"] for r in norm} >= {"layer1.0.conv2", "layer1.1.conv3", "layer4.0.conv2", "layer4.2.conv1"}
+    assert {r["layer"] for r in norm} >= {"conv1", "layer1.0.conv2", "layer1.1.conv3", "layer4.0.conv2",
+                                          "layer4.2.conv1"}
     assert "norm_stats_merge_kernel" in {r["kernel"] for r in norm}
     prologue = [r for r in norm if r["kernel"] == "conv2d_act_kernel" and "prologue" in r["config"]]
     assert {r["layer"] for r in prologue} >= {"layer1.0.conv2", "layer1.1.conv3", "layer4.0.conv2"}
-    assert not any("prologue" in r["config"] for r in norm if r["layer"] == "layer4.2.conv1")  # a block's first conv
+    # a block's first conv and the stem have no BN before them
+    assert not any("prologue" in r["config"] for r in norm if r["layer"] in ("layer4.2.conv1", "conv1"))
     for r in prologue:
         assert r["wgmma"] and not r["mma_sync"] and r["spill_bytes"] == 0, r
     stats = [r for r in norm if "stats" in r["config"]]
@@ -83,15 +85,17 @@ def test_norm_conv_launches_compile_as_fast_kernels(audit_rows):
 
 
 def test_norm_conv_backward_kernels_compile_as_fast_kernels(audit_rows):
-    """The NormConv backward (op "norm_conv_backward"): a wgrad and a dgrad kernel per block conv, both on
-    wgmma, the ones recomputing the previous BN + ReLU tagged "prologue" (spills and shared memory are
-    checked for every row above)."""
+    """The NormConv backward (op "norm_conv_backward"): a wgrad and a dgrad kernel per block conv (the stem:
+    the wgrad alone, the image needs no gradient), all on wgmma, the ones recomputing the previous BN + ReLU
+    tagged "prologue" (spills and shared memory are checked for every row above)."""
     back = [r for r in audit_rows if r["op"] == "norm_conv_backward"]
     assert {r["kernel"] for r in back} == {"conv2d_wgrad_kernel", "conv2d_dgrad_kernel"}
-    assert {r["layer"] for r in back} >= {"layer1.0.conv2", "layer1.1.conv3", "layer4.0.conv2", "layer4.2.conv1"}
+    assert {r["layer"] for r in back} >= {"conv1", "layer1.0.conv2", "layer1.1.conv3", "layer4.0.conv2",
+                                          "layer4.2.conv1"}
+    assert {r["kernel"] for r in back if r["layer"] == "conv1"} == {"conv2d_wgrad_kernel"}
     assert {r["batch"] for r in back} == {1, 256} and {r["dtype"] for r in back} == {"bf16", "fp16"}
     for r in back:
         assert r["wgmma"] and not r["mma_sync"], r
-        assert ("prologue" in r["config"]) == (r["layer"] != "layer4.2.conv1"), r
+        assert ("prologue" in r["config"]) == (r["layer"] not in ("layer4.2.conv1", "conv1")), r
     strided = [r for r in back if r["layer"] == "layer4.0.conv2" and r["kernel"] == "conv2d_dgrad_kernel"]
     assert strided and all(r["grid"][1] == 4 for r in strided)  # stride 2: four output phases

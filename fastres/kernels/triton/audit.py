@@ -12,10 +12,11 @@ identical specialisations compile once. Registers and spills come from the cubin
 resource usage; a stack frame counts as a spill only if the SASS touches local memory, STL/LDL), else
 ptxas -v on the PTX. Inference: eval-mode BN folded into the convs,
 projection blocks as one bottleneck-tail launch; training: the convs' forward launches and
-the BN kernels (phase A), and each block conv as a NormConv launch (op "norm_conv": statistics
-epilogue, and the previous BN + ReLU as prologue where it has one; its config says "prologue" /
-"stats") and its backward (op "norm_conv_backward": the wgrad and dgrad kernels, "prologue" where they
-recompute the previous BN + ReLU). The phase-A convs' backward is aten's, not Triton's.
+the BN kernels (phase A), and every conv -- the stem, each block conv, each projection -- as a NormConv
+launch (op "norm_conv": statistics epilogue, and the previous BN + ReLU as prologue where it has one; its
+config says "prologue" / "stats") and its backward (op "norm_conv_backward": the wgrad and dgrad kernels,
+"prologue" where they recompute the previous BN + ReLU; the stem's is the wgrad alone, since the image
+needs no gradient). The phase-A convs' backward is aten's, not Triton's.
 
 Must run without TRITON_INTERPRET (the compiler needs real JIT functions).
 """
@@ -154,14 +155,15 @@ def model_calls(model_name: str, batch: int, mode: str, image: int = 224) -> Lis
             # NormConv (phase B): the same conv emitting its BN statistics, normalising its input when it
             # follows a BN + ReLU inside the block (prologue).
             calls.append(dict(calls[-1], op="norm_conv", prologue=prologue, bias=False, residual=False, relu=False))
-            # Its backward: the wgrad and dgrad kernels, recomputing the prologue from the raw input.
-            calls.append(dict(calls[-1], op="norm_conv_backward"))
+            # Its backward: the wgrad and dgrad kernels, recomputing the prologue from the raw input (the
+            # stem's input is the image: no dgrad).
+            calls.append(dict(calls[-1], op="norm_conv_backward", input_grad=name != "conv1"))
         if mode == "train":
             calls.append(dict(op="batch_norm", layer=name.replace("conv", "bn").replace("downsample.0",
                                                                                        "downsample.1"),
                               shape=shapes[name][1], residual=residual, relu=relu))
 
-    conv("conv1", True)
+    conv("conv1", True, prologue=False)
     for name, m in model.named_modules():
         if type(m).__name__ not in ("Bottleneck", "BasicBlock"):
             continue
@@ -177,7 +179,7 @@ def model_calls(model_name: str, batch: int, mode: str, image: int = 224) -> Lis
                               wd_shape=tuple(wd.weight.shape), stride=wd.stride))
             continue
         if m.downsample is not None:
-            conv(f"{name}.downsample.0", False)
+            conv(f"{name}.downsample.0", False, prologue=False)
         conv(f"{name}.{last}", True, residual=True, prologue=True)
     return calls
 
@@ -201,8 +203,8 @@ def plans(call: dict, dtype, config_mode: str):
             from . import conv_backward
             conv_args = (tuple(call["stride"]), tuple(call["padding"]), tuple(call["dilation"]), call["groups"])
             g = _meta(call["out_shape"], dtype)
-            return [("", conv_backward.wgrad_plan(g, x, w, *conv_args, prologue)[1]
-                     + conv_backward.dgrad_plan(g, x, w, *conv_args, prologue)[1])]
+            dgrad = conv_backward.dgrad_plan(g, x, w, *conv_args, prologue)[1] if call["input_grad"] else []
+            return [("", conv_backward.wgrad_plan(g, x, w, *conv_args, prologue)[1] + dgrad)]
         args = (x, w, None, tuple(call["stride"]), tuple(call["padding"]), tuple(call["dilation"]), call["groups"],
                 None, False)
         cfgs = conv.configs(*args[:2], *args[3:7], prologue=prologue is not None)
