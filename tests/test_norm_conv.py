@@ -458,6 +458,9 @@ def test_chain_saves_exactly_the_tensors_it_drops(name):
     assert phase_a == tv and phase_a_peak == tv_peak
     assert abs((tv - chain) - sum(dropped) / 2 ** 20) < 1.0, (tv, chain, sum(dropped) / 2 ** 20)
     assert chain_peak <= 0.75 * tv_peak, (chain_peak, tv_peak)
+    # the same under autocast with float32 parameters, as the GPU check trains
+    (_, _, tv_peak), _, (_, _, chain_peak) = saved_activations_table(name, 256, 224, torch.bfloat16, autocast=True)
+    assert chain_peak <= 0.75 * tv_peak, ("autocast", chain_peak, tv_peak)
 
 
 # ------------------------------------------------------------------ torch.compile

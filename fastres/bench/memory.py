@@ -98,10 +98,11 @@ def step_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def saved_activations_table(model_name: str = "resnet50", batch: int = 256, image: int = 224,
-                            dtype: torch.dtype = torch.bfloat16) -> list:
-    """[(what, saved MiB, step peak MiB)] for one training step on fake CUDA tensors: torchvision eager,
+                            dtype: torch.dtype = torch.bfloat16, autocast: bool = False) -> list:
+    """[(what, saved MiB, step peak MiB)] for one training step on fake tensors: torchvision eager,
     fastres's phase-A blocks (backend "torch") and the NormConv chain (backend "triton", its operators'
-    fake kernels)."""
+    fake kernels). Parameters and input in dtype; autocast=True: in float32, the step under
+    torch.autocast(dtype) (as the GPU check trains)."""
     import torchvision
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -111,19 +112,21 @@ def saved_activations_table(model_name: str = "resnet50", batch: int = 256, imag
                            "without a GPU")
     def count(device: str, measure) -> list:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.device(device):
-            x = torch.empty(batch, 3, image, image, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            x = torch.empty(batch, 3, image, image).contiguous(memory_format=torch.channels_last)
             tv = getattr(torchvision.models, model_name)().train()
             fr = getattr(fastres, model_name)().train()
-            counts = [measure(tv, x)]
-            for backend in ("torch", "triton"):
-                with fastres.use_backend(backend):
-                    counts.append(measure(fr, x))
+            counts = []
+            for model, backend in ((tv, "torch"), (fr, "torch"), (fr, "triton")):
+                with fastres.use_backend(backend), torch.autocast(device, dtype=dtype, enabled=autocast):
+                    counts.append(measure(model, x))
         return counts
 
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # parameters made in dtype (fake parameters cannot be converted)
+    # parameters and input made in dtype (fake parameters cannot be converted); float32 under autocast
+    torch.set_default_dtype(torch.float32 if autocast else dtype)
     try:
-        saved = count("cuda", saved_activation_bytes)
+        # autocast needs a real device type: CUDA's is off on a machine without one, so CPU's is used
+        saved = count("cpu" if autocast else "cuda", saved_activation_bytes)
         # The backward runs on fake CPU tensors: autograd's engine asks for a CUDA context for CUDA
         # tensors, fake or not. What a step allocates does not depend on the device (the Triton path runs
         # on CPU tensors under TRITON_INTERPRET=1, the same operators and fakes).
@@ -143,17 +146,23 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="resnet50,resnet18")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--image", type=int, default=224)
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--dtype", default="bf16,bf16-autocast",
+                   help="comma-separated: bf16, fp16, fp32 (parameters and input in it) or bf16-autocast, "
+                        "fp16-autocast (float32 parameters, the step under torch.autocast)")
     a = p.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     print("| model | batch | dtype | implementation | saved for backward (MiB) | vs torchvision | "
           "step peak, counted (MiB) | vs torchvision |")
     print("|---|---|---|---|---|---|---|---|")
     for model in a.model.split(","):
-        rows = saved_activations_table(model, a.batch, a.image, dtype)
-        for what, saved, peak in rows:
-            print(f"| {model} | {a.batch} | {a.dtype} | {what} | {saved:.0f} | {saved / rows[0][1] - 1:+.1%} | "
-                  f"{peak:.0f} | {peak / rows[0][2] - 1:+.1%} |")
+        for dtype_name in a.dtype.split(","):
+            base, _, autocast = dtype_name.partition("-")
+            if base not in dtypes or autocast not in ("", "autocast"):
+                p.error(f"--dtype: expected bf16, fp16, fp32, bf16-autocast or fp16-autocast; got {dtype_name!r}")
+            rows = saved_activations_table(model, a.batch, a.image, dtypes[base], autocast=bool(autocast))
+            for what, saved, peak in rows:
+                print(f"| {model} | {a.batch} | {dtype_name} | {what} | {saved:.0f} | {saved / rows[0][1] - 1:+.1%} | "
+                      f"{peak:.0f} | {peak / rows[0][2] - 1:+.1%} |")
     return 0
 
 
