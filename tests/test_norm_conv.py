@@ -378,16 +378,21 @@ def _assert_every_block_chained(model, chained, steps, name):
     assert sum(chained) == steps * (len(blocks) * (per_block - 1) + len(tails))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_chain_is_exact_in_float64_over_steps(name, monkeypatch):
+@pytest.mark.parametrize("name,momentum", [("resnet18", 0.1), ("resnet50", 0.1), ("resnet50", None)])
+def test_chain_is_exact_in_float64_over_steps(name, momentum, monkeypatch):
     """The NormConv chain's algebra (prologue scale/shift, statistics' gradients, running buffers,
     num_batches_tracked) against torchvision, exactly (float64), over three training steps: the chain is
-    forced onto the reference norm_conv (float64 runs no kernel)."""
+    forced onto the reference norm_conv (float64 runs no kernel). The recomputed segments' reruns (the
+    stem, resnet50's layer1 tails) update no buffer a second time, with momentum=None (a cumulative
+    average over num_batches_tracked) too."""
     from fastres.ops import reference
     monkeypatch.setattr(dispatch, "fast_path_covers", lambda op, args: op == "norm_conv")
     chained = _chain_counter(monkeypatch, reference, "norm_conv")
     torch.manual_seed(0)
     tv = getattr(torchvision.models, name)(num_classes=5).double()
+    for m in tv.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
     fr = fastres.from_torchvision(tv)
     xs = [_randn(2, 3, 48, 48, seed=3 + i, dtype=torch.float64) for i in range(3)]
     ref_out, ref_grads, ref_buffers = _train_steps(tv, xs)
