@@ -89,6 +89,15 @@ def _cudnn_graph_dirs(cuda_home):
     return (frontend + cudnn, libs[0]), ""
 
 
+# Linker flags of fastres._C. -fopenmp: see cxx_flags below. --exclude-libs,ALL: whatever a static
+# archive brings into _C stays private to it. A toolchain that links libstdc++ statically (the lent
+# H200's /opt/gcc g++ did) otherwise exports a second copy of libstdc++'s iostreams and locale from
+# _C, the process's own libstdc++ interposes half of it, and `ostringstream << int64` in _C reads the
+# wrong locale facet: a segfault there (the cuDNN graph cache key), an empty string here with
+# -static-libstdc++ (tests/test_extension_build.py builds exactly that case).
+LINK_FLAGS = ["-fopenmp", "-Wl,--exclude-libs,ALL"]
+
+
 def _extensions():
     if os.environ.get("FASTRES_SKIP_EXT") == "1":
         return [], {}
@@ -106,7 +115,7 @@ def _extensions():
                 and os.environ.get("FASTRES_SKIP_CUDA") != "1")
     # -fopenmp: at::parallel_for is inline OpenMP code; without the flag the CPU kernels run on one thread.
     cxx_flags = ["-O3", "-fopenmp"]
-    link_flags = ["-fopenmp"]
+    link_flags = list(LINK_FLAGS)
     define_macros = []
     if use_cuda:
         # Compiling needs no GPU; without one torch cannot guess the architectures (with one,

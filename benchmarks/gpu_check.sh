@@ -28,8 +28,30 @@ if ! "$py" setup.py -q build_ext --inplace > "$out/build.log" 2>&1; then
     FASTRES_SKIP_CUDNN=1 "$py" setup.py -q build_ext --inplace >> "$out/build.log" 2>&1 \
         || echo "gpu_check.sh: fastres._C did not build; the check runs without it"
 fi
+echo "gpu_check.sh: build step took $(( $(date +%s) - began )) s"
+# A cuDNN graph that segfaults would take the whole check with it: probe each graph op in its own
+# process first (OUT/cudnn_probe.log, with cudnn-frontend's and cuDNN's API logs); on a crash, take
+# the native stack of the first crashing case with cuda-gdb (OUT/cudnn_gdb.log) and run the check
+# with the graphs switched off (FASTRES_CUDNN_GRAPHS=0; the check's environment records it).
+if "$py" -c "import fastres, sys, torch; sys.exit(0 if fastres.build_info()['cudnn_graphs'] and torch.cuda.is_available() else 1)" 2>/dev/null; then
+    CUDNN_FRONTEND_LOG_INFO=1 CUDNN_FRONTEND_LOG_FILE=stdout CUDNN_LOGLEVEL_DBG=3 CUDNN_LOGDEST_DBG=stdout \
+        timeout 150 "$py" -m fastres.bench.cudnn_probe --timeout-s 40 > "$out/cudnn_probe.full.log" 2>&1
+    probe=$?
+    tail -c 4000000 "$out/cudnn_probe.full.log" > "$out/cudnn_probe.log"; rm -f "$out/cudnn_probe.full.log"
+    grep "verdict" "$out/cudnn_probe.log"
+    if [ "$probe" -ne 0 ]; then
+        first=$(grep -m1 -o "verdict case [0-9]* [^:]*: crashed" "$out/cudnn_probe.log" | awk '{print $3}')
+        if [ -n "$first" ] && command -v cuda-gdb > /dev/null; then
+            timeout 150 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex "bt 40" -ex "info registers rip" \
+                --args "$py" -m fastres.bench.cudnn_probe --case "$first" > "$out/cudnn_gdb.log" 2>&1
+            grep -A40 "SIGSEGV\|signal" "$out/cudnn_gdb.log" | head -60
+        fi
+        echo "gpu_check.sh: the cuDNN probe failed; the check runs with FASTRES_CUDNN_GRAPHS=0"
+        export FASTRES_CUDNN_GRAPHS=0
+    fi
+fi
 spent=$(( $(date +%s) - began ))
-echo "gpu_check.sh: build step took $spent s"
+echo "gpu_check.sh: build and probe took $spent s"
 # Without an explicit --budget-s the check gets what is left of TOTAL_S (default 560 s: one device
 # call of at most 600 s, with room to write the results), and at least 120 s.
 budget=()

@@ -2,11 +2,21 @@
 // Fake (meta) implementations and autograd formulas are registered from Python, in
 // fastres/ops/registry.py, next to those of the Triton operators.
 #include <Python.h>
+#include <sstream>
 #include <torch/library.h>
 
 #include "fastres.h"
 
 namespace {
+
+// Whether this binary's libstdc++ is the process's: an int64 and a bool through an ostringstream
+// (cuDNN's graph cache keys, TORCH_CHECK messages) come out as written. A private, exported copy of
+// libstdc++ in _C breaks exactly this (setup.py, LINK_FLAGS).
+bool iostreams_ok() {
+  std::ostringstream s;
+  s << static_cast<int64_t>(-1234567890123) << '|' << true;
+  return s.str() == "-1234567890123|1";
+}
 
 // _C.build_info() -> dict: what this binary was compiled with (read by fastres.build_info()).
 PyObject* build_info(PyObject*, PyObject*) {
@@ -42,6 +52,7 @@ PyObject* build_info(PyObject*, PyObject*) {
   Py_INCREF(Py_None);
   set("cudnn_compiled_version", Py_None);
 #endif
+  set("iostreams_ok", PyBool_FromLong(iostreams_ok()));
   return info;
 }
 

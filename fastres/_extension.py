@@ -35,10 +35,12 @@ def build_info() -> dict:
 
     cuda_kernels (bool), cudnn_graphs (bool: the cudnn-frontend graph ops), cudnn_frontend_version
     (str or None), cudnn_compiled_version (int or None: CUDNN_VERSION of the headers), archs (the
-    CUDA architectures compiled, e.g. ["sm_90"]), extension (bool: fastres._C loaded at all).
+    CUDA architectures compiled, e.g. ["sm_90"]), extension (bool: fastres._C loaded at all),
+    iostreams_ok (bool or None: C++ number formatting inside _C works, i.e. _C uses the process's
+    libstdc++ and carries no exported copy of its own; see setup.py's LINK_FLAGS).
     """
     if _error is not None:
         return {"extension": False, "cuda_kernels": False, "cudnn_graphs": False, "cudnn_frontend_version": None,
-                "cudnn_compiled_version": None, "archs": []}
+                "cudnn_compiled_version": None, "archs": [], "iostreams_ok": None}
     from . import _C
     return {"extension": True, **_C.build_info()}

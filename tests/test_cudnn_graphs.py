@@ -60,7 +60,8 @@ def test_operator_schemas(name):
 
 def test_build_info_matches_the_binary():
     info = fastres.build_info()
-    assert set(info) >= {"cuda_kernels", "cudnn_graphs", "cudnn_frontend_version", "archs"}
+    assert set(info) >= {"cuda_kernels", "cudnn_graphs", "cudnn_frontend_version", "archs", "iostreams_ok"}
+    assert info["iostreams_ok"] is (True if info["extension"] else None)
     assert "build_info" in fastres.__all__
     assert info["cuda_kernels"] == torch._C._dispatch_has_kernel_for_dispatch_key("fastres::add_relu", "CUDA")
     assert info["cudnn_graphs"] == torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -92,6 +93,18 @@ def test_cuda_build_has_the_cudnn_graphs_when_the_frontend_is_installed():
     except ImportError:
         pytest.skip("nvidia-cudnn-frontend is not installed")
     assert fastres.build_info()["cudnn_graphs"]
+
+
+def test_runtime_switch_turns_the_graphs_off(monkeypatch):
+    """FASTRES_CUDNN_GRAPHS=0 makes every cuDNN graph "not covered" without a rebuild (what the GPU
+    check does after its probe crashed); any other value leaves the build's answer."""
+    built = fastres.build_info()["cudnn_graphs"]
+    monkeypatch.setenv("FASTRES_CUDNN_GRAPHS", "0")
+    assert not compiled.cudnn_graphs_built()
+    x = _randn(1, 8, 5, 5).to("meta")
+    assert not compiled.cudnn_graph_covers(x, x.new_empty(8, 8, 1, 1), None, (1, 1), (0, 0), (1, 1), 1, None, False)
+    monkeypatch.setenv("FASTRES_CUDNN_GRAPHS", "1")
+    assert compiled.cudnn_graphs_built() == built
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+import torch
 
 from fastres.bench import gpu_check
 
@@ -92,3 +93,25 @@ def test_bad_command_lines_are_refused(argv):
     with pytest.raises(SystemExit) as raised:
         gpu_check.main(argv)
     assert raised.value.code == 2
+
+
+def test_cudnn_probe_verdicts_are_what_gpu_check_sh_greps():
+    """gpu_check.sh takes the first crashed case from the probe's verdict lines (its grep pattern,
+    here as a regex) to rerun it under cuda-gdb; ok and wrong answers are not crashes."""
+    import re
+    import subprocess
+    import sys
+
+    from fastres.bench import cudnn_probe
+
+    script = open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.sh")).read()
+    assert 'grep -m1 -o "verdict case [0-9]* [^:]*: crashed"' in script
+    crashed = re.compile(r"verdict case ([0-9]*) [^:]*: crashed")
+    last = len(cudnn_probe.CASES) - 1
+    assert crashed.search(cudnn_probe.verdict_line(last, -11, 7.1)).group(1) == str(last)
+    assert crashed.search(cudnn_probe.verdict_line(0, None, 40.0)).group(1) == "0"
+    assert crashed.search(cudnn_probe.verdict_line(0, 0, 1.0)) is None
+    assert crashed.search(cudnn_probe.verdict_line(0, 1, 1.0)) is None
+    if not torch.cuda.is_available():  # the driver says so and passes where there is nothing to probe
+        run = subprocess.run([sys.executable, "-m", "fastres.bench.cudnn_probe"], capture_output=True, text=True)
+        assert run.returncode == 0 and "no CUDA device" in run.stdout

@@ -70,4 +70,6 @@ def describe(device: torch.device) -> dict:
     if device.type == "cuda":
         info["driver"] = _nvidia_driver()
         info["cudnn"] = torch.backends.cudnn.version()
+        # switched off at run time (FASTRES_CUDNN_GRAPHS=0, e.g. after the GPU check's probe crashed)
+        info["cudnn_graphs_enabled"] = os.environ.get("FASTRES_CUDNN_GRAPHS") != "0"
     return info

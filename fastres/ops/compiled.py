@@ -7,6 +7,8 @@ implementations come from fastres/ops/registry.py.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -51,9 +53,11 @@ def add_relu(x, residual):
 # ---------------------------------------------------------------- cuDNN graphs (fastres._C)
 
 def cudnn_graphs_built() -> bool:
-    """Whether fastres._C has the cuDNN graph kernels (FASTRES_WITH_CUDNN_GRAPHS)."""
-    return registry.COMPILED_BN is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastres::cudnn_conv_bias_act", "CUDA")
+    """Whether fastres._C has the cuDNN graph kernels (FASTRES_WITH_CUDNN_GRAPHS) and they are not
+    switched off at run time (FASTRES_CUDNN_GRAPHS=0: every cuDNN graph is then "not covered" and
+    the other implementations run; the GPU check sets it when its cuDNN probe crashes)."""
+    return (registry.COMPILED_BN is not None and os.environ.get("FASTRES_CUDNN_GRAPHS") != "0"
+            and torch._C._dispatch_has_kernel_for_dispatch_key("fastres::cudnn_conv_bias_act", "CUDA"))
 
 
 _GRAPH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
