@@ -407,3 +407,98 @@ def test_tuning_table_names_the_winner_and_margin():
     assert rows[2].startswith("| conv2d_act |") and "| winograd4 | measured |" in rows[2]
     assert "winograd4 1.000, onednn 2.000" in rows[2] and "2.00x" in rows[2] and "rejected" in rows[2]
     assert "no choices" in tuning_table([])[0]
+
+
+class _without:
+    """Temporarily remove an implementation (e.g. the interpreter-run Triton one: slow, and not what
+    a test prices)."""
+
+    def __init__(self, op, name):
+        self.impl = dispatch.implementation(op, name)
+
+    def __enter__(self):
+        dispatch.unregister(self.impl.op, self.impl.name)
+
+    def __exit__(self, *exc):
+        i = self.impl
+        dispatch.register(i.op, i.name, backend=i.backend, covers=i.covers, run=i.run, configs=i.configs,
+                          rank=i.rank, in_auto=i.in_auto)
+
+
+def _counting_backward(monkeypatch):
+    calls = []
+    real = torch.autograd.backward
+
+    def backward(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch.autograd, "backward", backward)
+    return calls
+
+
+def test_training_calls_are_timed_forward_and_backward(tuning, monkeypatch):
+    """A call that records autograd is timed with its backward (the implementations' backward kernels
+    differ); an inference call is not; the caller's tensors get no gradient from the trials."""
+    tuning("conv2d_act", "other", _marked("other", _ref_conv))
+    ref = dispatch.reference("conv2d_act")
+    backwards = _counting_backward(monkeypatch)
+    timed = []
+
+    def timer(fn, device):
+        before = len(backwards)
+        fn()
+        timed.append((Ran.last, len(backwards) - before))
+        return {"reference": 2.0, "other": 1.0}[Ran.last]
+
+    x, w, b = _conv_operands(seed=3)
+    w.requires_grad_()
+    with tuner.use_timer(timer), _patched(ref, _marked("reference", _ref_conv)):
+        y = ops.conv2d_act(x, w, b, padding=1)
+        assert w.grad is None  # the trials' gradients went to private copies
+        assert sorted(name for name, _ in timed) == ["other", "reference"]
+        assert all(n == 1 for _, n in timed), timed  # one backward per timed run
+        entry = _entry()
+        assert " grad " in entry["signature"] and entry["choice"] == "other"
+        y.sum().backward()
+        assert w.grad is not None
+        timed.clear()
+        tuner.reset()
+        with torch.no_grad():
+            ops.conv2d_act(x, w, b, padding=1)
+        assert sorted(name for name, _ in timed) == ["other", "reference"]
+        assert all(n == 0 for _, n in timed), timed
+
+
+@pytest.mark.parametrize("winner", ["reference", "fused"])
+def test_norm_conv_chain_follows_the_measured_choice(tuning, winner):
+    """auto takes a block's NormConv chain only where its measured choice for the block's first conv
+    (forward + backward) is a fused implementation; where the reference wins, the block keeps its
+    unfused path."""
+    from fastres.nn import fused
+
+    ref = dispatch.reference("norm_conv")
+    tuning("norm_conv", "fused", _marked("fused", lambda call: ref.run(call, "")))
+    prices = {"reference": 1.0, "fused": 2.0} if winner == "reference" else {"reference": 2.0, "fused": 1.0}
+
+    def timer(fn, device):
+        Ran.last = None
+        fn()
+        return prices.get(Ran.last, 1e9)  # anything else (e.g. Triton in the interpreter) never wins
+
+    conv, bn = torch.nn.Conv2d(5, 7, 3, padding=1, bias=False), torch.nn.BatchNorm2d(7)
+    x = torch.randn(3, 5, 9, 11, requires_grad=True)
+    others = [_without("norm_conv", i.name) for i in dispatch.implementations("norm_conv")
+              if i.name not in ("reference", "fused")]
+    with tuner.use_timer(timer), _patched(ref, _marked("reference", lambda call: ref.run(call, ""))):
+        for other in others:
+            other.__enter__()
+        try:
+            applies = fused.norm_conv_chain_applies([(conv, bn)], x)
+        finally:
+            for other in others:
+                other.__exit__()
+    assert applies == (winner == "fused")
+    entry = _entry("norm_conv")
+    assert entry["source"] == "measured" and entry["choice"] == ("reference" if winner == "reference" else "fused")
+    assert " grad " in entry["signature"]
+    assert bn.num_batches_tracked.item() == 0  # measuring did not touch the module's buffers

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -153,35 +153,40 @@ def static_choice(call: Call, candidates: Sequence[Implementation]) -> Implement
     return best
 
 
-def dispatch(op: str, args: Dict[str, object]) -> torch.Tensor:
-    """Run op on the current backend (see the module docstring)."""
-    call = Call(op, args)
+def select(call: Call) -> Tuple[Implementation, str]:
+    """The (implementation, configuration) that runs `call` on the current backend: the reference on
+    "torch" or where nothing else covers the call, the static choice of a named backend, the tuner's
+    measured choice on "auto" (measured on the first call of a signature, remembered after)."""
+    op = call.op
     backend = get_backend()
     if backend == "torch":
-        return reference(op).run(call, "")
+        return reference(op), ""
     if backend == "auto":
         covering = [impl for impl in _IMPLS[op] if impl.name != "reference" and _covered(impl, call, auto=True)]
     else:
         covering = [impl for impl in _IMPLS[op] if impl.backend == backend and _covered(impl, call)]
     if not covering:
-        return reference(op).run(call, "")
+        return reference(op), ""
     if backend != "auto":
-        return static_choice(call, covering).run(call, "")
+        return static_choice(call, covering), ""
     from . import tuner  # imported late: it needs the registry filled
 
-    impl, config = tuner.choose(call, [reference(op)] + covering)
+    return tuner.choose(call, [reference(op)] + covering)
+
+
+def dispatch(op: str, args: Dict[str, object]) -> torch.Tensor:
+    """Run op on the current backend (see the module docstring)."""
+    call = Call(op, args)
+    impl, config = select(call)
     return impl.run(call, config)
 
 
 def fast_path_covers(op: str, args: Dict[str, object]) -> bool:
-    """Whether the current backend would run `op` on something other than the reference for these
-    arguments (a model takes a fused chain, e.g. NormConv, only there)."""
-    call = Call(op, args)
-    backend = get_backend()
-    if backend == "torch":
-        return False
-    return any(impl.name != "reference" and (backend == "auto" or impl.backend == backend)
-               and _covered(impl, call, auto=backend == "auto") for impl in _IMPLS[op])
+    """Whether the current backend runs `op` on something other than the reference for these
+    arguments: a named backend where one of its implementations covers them, "auto" where its measured
+    choice (forward + backward for a training call) is not the reference. A model takes a fused chain,
+    e.g. NormConv, only there; elsewhere its unfused path, which the reference's cost stands for."""
+    return select(Call(op, args))[0].name != "reference"
 
 
 def _covered(impl: Implementation, call: Call, auto: bool = False) -> bool:

@@ -9,7 +9,9 @@ its configurations) on the real call, check it against the reference, keep the f
   computed in float64 on copies of the inputs (relative Frobenius error, `TOLERANCE` per dtype;
   NaN where the reference has NaN and only there); a mismatch or an exception disqualifies it,
   with one warning naming it. Then it is timed (`timer`): CUDA events on a GPU, the host clock on
-  the CPU; the median of up to `REPEATS` runs within `BUDGET_MS` per candidate. The static
+  the CPU; the median of up to `REPEATS` runs within `BUDGET_MS` per candidate. A call that records
+  autograd (training) is timed forward + backward (`_forward_backward`): the implementations' backward
+  kernels differ, and the backward is most of a training step. The static
   choice is kept unless another candidate is faster by more than `SWITCH_MARGIN` of its time (10%
   on the CPU, where a layer timed alone varies by several percent between runs and differs from its
   cost inside the model; 2% on CUDA, whose event timings are tighter). Without that margin,
@@ -46,7 +48,7 @@ from .dispatch import Call, Implementation
 REPEATS = 7
 BUDGET_MS = 200.0  # timing budget per candidate (after its warm-up run)
 SWITCH_MARGIN = {"cpu": 0.10, "cuda": 0.02}  # how much faster than the static choice a winner must be
-RULES = 2  # part of the disk cache's machine identity: choices made under other rules are not reused
+RULES = 3  # part of the disk cache's machine identity: choices made under other rules are not reused
 # Relative Frobenius error against the float64 reference that a candidate may have, by the dtype it
 # computes in. fp32 allows TF32 where torch's switch allows it on CUDA (and Winograd F(4x4)'s ~5e-6).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 5e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
@@ -100,14 +102,18 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def needs_grad(call: Call) -> bool:
+    """Whether the call records autograd (a training call: its backward runs too)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in call.tensors().values())
+
+
 def signature(call: Call) -> str:
     """A readable key of everything a choice may depend on."""
     lead = call.lead
     parts = [call.op, _device_name(lead.device)]
     if lead.device.type == "cpu":
         parts.append(f"threads={_threads()}")
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in call.tensors().values())
-    parts.append("grad" if grad else "nograd")
+    parts.append("grad" if needs_grad(call) else "nograd")
     autocast = dispatch.autocast_dtype(lead)
     if autocast is not None:
         parts.append(f"autocast={str(autocast).replace('torch.', '')}")
@@ -235,6 +241,29 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(diff / scale) if float(scale) > 0 else float(diff)
 
 
+def _forward_backward(impl: Implementation, call: Call, config: str) -> Callable[[], None]:
+    """One training use of `call` on `impl`: forward, then backward from fixed cotangents (ones) of
+    every differentiable output, into private leaf copies of the tensors that require grad -- what
+    a training step pays for the op. The implementations' backward kernels differ (Triton's or
+    cuDNN's fused wgrad/dgrad, torch's), so a forward-only timing would choose blind."""
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in call.tensors().items() if t.requires_grad}
+    base = call.replace(**leaves)
+    cotangents: List[torch.Tensor] = []
+
+    def run() -> None:
+        with torch.enable_grad():
+            out = impl.run(_trial_call(base), config)
+            outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                    if isinstance(o, torch.Tensor) and o.requires_grad]
+            if not cotangents:
+                cotangents.extend(torch.ones_like(o) for o in outs)
+            if outs:
+                torch.autograd.backward(outs, cotangents)
+        for leaf in leaves.values():
+            leaf.grad = None
+    return run
+
+
 def _outputs_error(out, expected) -> float:
     """relative_error of an op's output, or the worst over its outputs (norm_conv: y, mean, invstd)."""
     if isinstance(expected, (tuple, list)):
@@ -290,6 +319,7 @@ def measure(call: Call, candidates: Sequence[Implementation]) -> Tuple[Optional[
     report: Dict[str, object] = {}
     device = call.lead.device
     in_place = _residual_overwritten(call)  # asked before _isolated() turns the reuse off
+    grad = needs_grad(call)  # asked before _isolated() turns autograd off
     from . import onednn
 
     with _isolated(), onednn.reusable_activations(True) if in_place else contextlib.nullcontext():
@@ -317,7 +347,13 @@ def measure(call: Call, candidates: Sequence[Implementation]) -> Tuple[Optional[
                     # In place: every timed run overwrites one private copy (the values change, the
                     # work does not), made outside the timed region.
                     timed = _with_private_residual(call) if in_place else call
-                    ms = timer(lambda: impl.run(_trial_call(timed), config), device)
+                    if grad:  # a training call costs its forward and its backward: time both
+                        run = _forward_backward(impl, timed, config)
+                        run()  # warm-up: the backward's kernels compile here
+                    else:
+                        def run(impl=impl, timed=timed, config=config):
+                            return impl.run(_trial_call(timed), config)
+                    ms = timer(run, device)
                 except Exception as error:  # a broken kernel is rejected, never used
                     report[label] = f"rejected: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
                     _warn_once(f"fastres auto: {call.op} implementation {label!r} failed ({report[label]}); "
