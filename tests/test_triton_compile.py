@@ -42,6 +42,9 @@ def test_every_conv_uses_wgmma(audit_rows):
     assert {r["layer"] for r in convs} >= {"conv1", "layer1.0.conv3+downsample", "layer4.0.conv2"}
     for r in convs:  # "mma" alone would accept mma.sync, the pre-Hopper instruction
         assert r["wgmma"] and not r["mma_sync"], r
+    # the 8-warp 128 x 128 candidates of the large 16-bit GEMMs are among them (and so are held to no
+    # spills below)
+    assert any(r["config"].startswith("m128n128k64w8") for r in convs)
 
 
 def test_no_spills_and_shared_memory_fits(audit_rows):

@@ -361,15 +361,22 @@ def configs_for_problem(problem: Problem, interpret: bool) -> List[str]:
         out += [Config(32, 32, bk, 4, 1, 1, 4), Config(64, 32, bk, 4, 1, min(3, problem.steps(bk)[1]), 1)]
     else:
         wide = 64 if problem.element_size <= 2 else 32
-        # No 128 x 128 / 128 x 256 tiles: at 4 warps they spill (sm_90 audit), and 8-warp configs are
-        # left out until checked on a GPU (a flattened-loop conv miscompiled at num_warps >= 8, pytorch 173068).
-        shapes = [(128, 64, wide, 4), (64, 128, wide, 4), (64, 64, wide, 5),
-                  (128, 64, 32 if wide == 64 else 16, 3), (64, 32, wide, 5)]
+        # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). 128 x 128 tiles spill at 4 warps (sm_90 audit); at
+        # 8 warps (two warpgroups sharing the tile, the Hopper GEMM shape) they fit (<= 177 registers,
+        # with the prologue and statistics too) and are candidates for the large 16-bit GEMMs. 128 x 256
+        # at 8 warps spills with the residual epilogue (255 registers + 384 bytes, triton 3.8): left out. A flattened-loop conv once miscompiled at
+        # num_warps >= 8 (pytorch 173068): auto checks every candidate against the float64 reference
+        # before it may win, so a miscompiled one is rejected, never used. On the H200 (2026-12-04) every
+        # 4-warp tile was 1.5-3x slower than cuDNN at batch 256 (benchmarks/results/gpu-check-runs.md).
+        shapes = [(128, 64, wide, 4, 4), (64, 128, wide, 4, 4), (64, 64, wide, 5, 4),
+                  (128, 64, 32 if wide == 64 else 16, 3, 4), (64, 32, wide, 5, 4)]
+        if problem.element_size <= 2 and problem.m >= 8192 and problem.k_group >= 128:
+            shapes.append((128, 128, 64, 3, 8))
         if problem.prologue:  # 128 x 64 x 64 spills with the prologue (triton 3.6, sm_90 audit)
             shapes = [t for t in shapes if t[:3] != (128, 64, 64)]
-        for bm, bn, bk, stages in shapes:
+        for bm, bn, bk, stages, warps in shapes:
             cfg = Config(bm, min(bn, max(32, triton.next_power_of_2(problem.k_group))),
-                         problem.block_k_for(bk), 4, stages, 1, 8)
+                         problem.block_k_for(bk), warps, stages, 1, 8)
             out.append(dataclasses.replace(cfg, split_k=problem.split_for(cfg)))
     unique = list(dict.fromkeys(out))[:8]
     return [""] + [str(c) for c in unique[1:]]
