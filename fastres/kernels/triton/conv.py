@@ -364,8 +364,9 @@ def configs_for_problem(problem: Problem, interpret: bool) -> List[str]:
         # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). 128 x 128 tiles spill at 4 warps (sm_90 audit); at
         # 8 warps (two warpgroups sharing the tile, the Hopper GEMM shape) they fit (<= 177 registers,
         # with the prologue and statistics too) and are candidates for the large 16-bit GEMMs. 128 x 256
-        # at 8 warps spills with the residual epilogue (255 registers + 384 bytes, triton 3.8): left out. A flattened-loop conv once miscompiled at
-        # num_warps >= 8 (pytorch 173068): auto checks every candidate against the float64 reference
+        # at 8 warps spills with the residual epilogue (255 registers + 384 bytes, triton 3.8): left out.
+        # A flattened-loop conv once miscompiled at num_warps >= 8 (pytorch 173068): auto checks every
+        # candidate against the float64 reference
         # before it may win, so a miscompiled one is rejected, never used. On the H200 (2026-12-04) every
         # 4-warp tile was 1.5-3x slower than cuDNN at batch 256 (benchmarks/results/gpu-check-runs.md).
         shapes = [(128, 64, wide, 4, 4), (64, 128, wide, 4, 4), (64, 64, wide, 5, 4),
