@@ -191,16 +191,24 @@ def _norm_conv_setup(ctx, inputs, output):
 
 def norm_conv_output_grad(gy: Optional[Tensor], gmean: Optional[Tensor], gvar: Optional[Tensor], y: Tensor,
                           mean: Tensor) -> Tensor:
-    """d loss / d y given the gradients of y, mean(y) and var(y) (biased, per channel)."""
+    """d loss / d y given the gradients of y, mean(y) and var(y) (biased, per channel):
+    gy + gmean / count + gvar * 2 / count * (y - mean), computed as gy + a * y + b with per-channel a
+    and b into ONE float32 buffer (addcmul reads y in its own dtype): a y-sized float32 temporary
+    instead of four (at ResNet-50's layer1, batch 256, each is 822 MB)."""
     if gmean is None and gvar is None:
         return gy if gy is not None else torch.zeros_like(y)
     dtype = mean.dtype
     count = y.numel() // y.shape[1]
-    g = gy.to(dtype) if gy is not None else torch.zeros_like(y, dtype=dtype)
-    if gmean is not None:
-        g = g + (gmean / count).reshape(1, -1, 1, 1)
-    if gvar is not None:
-        g = g + (gvar * (2.0 / count)).reshape(1, -1, 1, 1) * (y.to(dtype) - mean.reshape(1, -1, 1, 1))
+    if gy is None:
+        g = torch.zeros_like(y, dtype=dtype)
+    else:  # a private buffer: the incoming gradient is never written
+        g = gy.to(dtype, copy=True)
+    a = (gvar * (2.0 / count)).to(dtype) if gvar is not None else None
+    b = (gmean / count).to(dtype) if gmean is not None else torch.zeros_like(mean)
+    if a is not None:
+        b = b - a * mean
+        g.addcmul_(y, a.reshape(1, -1, 1, 1))
+    g.add_(b.reshape(1, -1, 1, 1))
     return g.to(y.dtype)
 
 
