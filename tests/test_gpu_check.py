@@ -115,3 +115,55 @@ def test_cudnn_probe_verdicts_are_what_gpu_check_sh_greps():
     if not torch.cuda.is_available():  # the driver says so and passes where there is nothing to probe
         run = subprocess.run([sys.executable, "-m", "fastres.bench.cudnn_probe"], capture_output=True, text=True)
         assert run.returncode == 0 and "no CUDA device" in run.stdout
+
+
+class _TorchGraphOps:
+    """torch twins of fastres._C's cuDNN graph ops (same arguments and outputs), for the probe on a CPU."""
+
+    @staticmethod
+    def _pre(x, scale, shift, relu):
+        a = x.float() * scale.float().view(1, -1, 1, 1) + shift.float().view(1, -1, 1, 1)
+        return torch.relu(a) if relu else a
+
+    def __getattr__(self, name):
+        if name.endswith("_supported"):
+            return lambda *args: True
+        raise AttributeError(name)
+
+    def cudnn_conv_bias_act(self, x, w, bias, residual, stride, padding, dilation, groups, relu):
+        y = torch.nn.functional.conv2d(x.float(), w.float(), bias.float(), stride, padding, dilation, groups)
+        y = y + residual.float()
+        return (torch.relu(y) if relu else y).to(x.dtype)
+
+    def cudnn_conv_genstats(self, x, w, scale, shift, relu, stride, padding, dilation, groups):
+        a = self._pre(x, scale, shift, relu).to(x.dtype).float()
+        y = torch.nn.functional.conv2d(a, w.float(), None, stride, padding, dilation, groups)
+        return y.to(x.dtype), y.sum((0, 2, 3)), y.square().sum((0, 2, 3))
+
+    def cudnn_conv_wgrad(self, dy, x, weight_size, scale, shift, relu, stride, padding, dilation, groups):
+        a = self._pre(x, scale, shift, relu)
+        return torch.nn.grad.conv2d_weight(a, weight_size, dy.float(), stride, padding, dilation, groups).to(x.dtype)
+
+    def cudnn_conv_dgrad_drelu(self, dy, w, x, scale, shift, stride, padding, dilation, groups):
+        da = torch.nn.grad.conv2d_input(list(x.shape), w.float(), dy.float(), stride, padding, dilation, groups)
+        gz = da * (self._pre(x, scale, shift, False) > 0)
+        return gz.to(x.dtype), (gz * x.float()).sum((0, 2, 3)), gz.sum((0, 2, 3))
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_cudnn_probe_cases_pass_against_torch_twins(index):
+    """Each probe case's arguments and comparison are right: with torch twins of the graph ops (the
+    argument order of fastres._C's schemas) every case passes on the CPU, so on a GPU a failing case
+    means cuDNN's answer, not the probe's bookkeeping."""
+    from fastres.bench import cudnn_probe
+
+    import inspect
+
+    import fastres
+    if fastres.extension_loaded():  # the twins take the schemas' arguments, in order
+        for op in ("bias_act", "genstats", "wgrad", "dgrad_drelu"):
+            schema = getattr(torch.ops.fastres, f"cudnn_conv_{op}").default._schema
+            twin = inspect.signature(getattr(_TorchGraphOps(), f"cudnn_conv_{op}"))
+            assert len(schema.arguments) == len(twin.parameters), op
+    assert len(cudnn_probe.CASES) == 6
+    assert cudnn_probe.run_case(index, device="cpu", ops=_TorchGraphOps())

@@ -34,16 +34,17 @@ def _step(what: str) -> None:
     print(f"[cudnn_probe] {what}", flush=True)
 
 
-def run_case(index: int) -> bool:
-    """Runs CASES[index]; True when cuDNN ran it and it matches torch (or cuDNN declines it)."""
+def run_case(index: int, device: str = "cuda", ops=None) -> bool:
+    """Runs CASES[index]; True when cuDNN ran it and it matches torch (or cuDNN declines it). `ops`
+    stands in for torch.ops.fastres (tests: torch twins of the graph ops, on the CPU)."""
     import fastres  # noqa: F401  (loads fastres._C)
 
     op, dtype, cl = CASES[index]
     fmt = torch.channels_last if cl else torch.contiguous_format
     _step(f"case {index}: {op} {str(dtype).replace('torch.', '')} {'NHWC' if cl else 'NCHW'}; "
           f"build {fastres.build_info()}; cuDNN {torch.backends.cudnn.version()}")
-    g = torch.Generator(device="cuda").manual_seed(index)
-    dev = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(index)
+    dev = torch.device(device)
 
     def rand(*shape):
         t = torch.randn(*shape, generator=g, device=dev, dtype=torch.float32)
@@ -52,62 +53,52 @@ def run_case(index: int) -> bool:
     n, c, k, hw = 2, 64, 256, 56
     x, w = rand(n, c, hw, hw), rand(k, c, 1, 1)
     geometry = ([1, 1], [0, 0], [1, 1], 1)
-    ops = torch.ops.fastres
+
+    def pre(scale, shift):  # the prologue's pre-activation, x * scale + shift, in float32
+        return x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+    # Per op: its arguments, and compare(out) -> (got, want) against torch in float32.
     if op == "bias_act":
         bias, residual = rand(k), rand(n, k, hw, hw)
         args = (x, w, bias, residual, *geometry, True)
-        _step("cudnn_conv_bias_act_supported")
-        ok = ops.cudnn_conv_bias_act_supported(*args)
-        _step(f"supported: {ok}")
-        if not ok:
-            return True
-        _step("cudnn_conv_bias_act")
-        got = ops.cudnn_conv_bias_act(*args).float()
-        want = torch.relu(F.conv2d(x.float(), w.float(), bias) + residual.float())
+
+        def compare(out):
+            return out.float(), torch.relu(F.conv2d(x.float(), w.float(), bias) + residual.float())
     elif op == "genstats":
         scale, shift = rand(c), rand(c)
         args = (x, w, scale, shift, True, *geometry)
-        _step("cudnn_conv_genstats_supported")
-        ok = ops.cudnn_conv_genstats_supported(*args)
-        _step(f"supported: {ok}")
-        if not ok:
-            return True
-        _step("cudnn_conv_genstats")
-        y, s, ss = ops.cudnn_conv_genstats(*args)
-        a = torch.relu(x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(dtype).float()
-        ref = F.conv2d(a, w.float())
-        got = torch.cat([y.float().flatten(), s.float().flatten() / ref[0].numel(),
-                         ss.float().flatten() / ref[0].numel()])
-        want = torch.cat([ref.flatten(), ref.sum((0, 2, 3)) / ref[0].numel(),
-                          ref.square().sum((0, 2, 3)) / ref[0].numel()])
+
+        def compare(out):
+            y, total, squares = out
+            ref = F.conv2d(torch.relu(pre(scale, shift)).to(dtype).float(), w.float())
+            per = ref[0].numel()
+            return (torch.cat([y.float().flatten(), total.float().flatten() / per, squares.float().flatten() / per]),
+                    torch.cat([ref.flatten(), ref.sum((0, 2, 3)) / per, ref.square().sum((0, 2, 3)) / per]))
     elif op == "wgrad":
         scale, shift, dy = rand(c), rand(c), rand(n, k, hw, hw)
         args = (dy, x, list(w.shape), scale, shift, True, *geometry)
-        _step("cudnn_conv_wgrad_supported")
-        ok = ops.cudnn_conv_wgrad_supported(*args)
-        _step(f"supported: {ok}")
-        if not ok:
-            return True
-        _step("cudnn_conv_wgrad")
-        got = ops.cudnn_conv_wgrad(*args).float()
-        a = torch.relu(x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
-        want = torch.nn.grad.conv2d_weight(a, list(w.shape), dy.float())
+
+        def compare(out):
+            return out.float(), torch.nn.grad.conv2d_weight(torch.relu(pre(scale, shift)), list(w.shape), dy.float())
     else:
         scale, shift, dy = rand(c), rand(c), rand(n, k, hw, hw)
         args = (dy, w, x, scale, shift, *geometry)
-        _step("cudnn_conv_dgrad_drelu_supported")
-        ok = ops.cudnn_conv_dgrad_drelu_supported(*args)
-        _step(f"supported: {ok}")
-        if not ok:
-            return True
-        _step("cudnn_conv_dgrad_drelu")
-        gz, sgx, sg = ops.cudnn_conv_dgrad_drelu(*args)
-        pre = x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-        ref = torch.nn.grad.conv2d_input(list(x.shape), w.float(), dy.float()) * (pre > 0)
-        got = gz.float().flatten()
-        want = ref.flatten()
+
+        def compare(out):
+            masked = torch.nn.grad.conv2d_input(list(x.shape), w.float(), dy.float()) * (pre(scale, shift) > 0)
+            return out[0].float().flatten(), masked.flatten()
+    ops = torch.ops.fastres if ops is None else ops
+    supported, run = (getattr(ops, f"cudnn_conv_{op}{suffix}") for suffix in ("_supported", ""))
+    _step(f"cudnn_conv_{op}_supported")
+    ok = supported(*args)
+    _step(f"supported: {ok}")
+    if not ok:
+        return True
+    _step(f"cudnn_conv_{op}")
+    got, want = compare(run(*args))
     _step("synchronize")
-    torch.cuda.synchronize()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
     tol = 2e-2 if dtype != torch.float32 else 1e-2  # bf16/fp16 outputs, TF32 allowed or not
     _step(f"max error / max |reference| = {err:.2e} (tolerance {tol:.0e})")
