@@ -502,3 +502,51 @@ def test_norm_conv_chain_follows_the_measured_choice(tuning, winner):
     assert entry["source"] == "measured" and entry["choice"] == ("reference" if winner == "reference" else "fused")
     assert " grad " in entry["signature"]
     assert bn.num_batches_tracked.item() == 0  # measuring did not touch the module's buffers
+
+
+def test_remembered_selection_skips_covers_until_the_state_changes(tuning):
+    """Once the tuner remembers a signature's choice, the next call of that signature in the same state
+    selects it without asking any covers(); a change covers() may read (here determinism and the
+    forward context), a register() or a tuner reset asks again."""
+    asked = []
+
+    def covers(call):
+        asked.append(1)
+        return None
+
+    tuning("conv2d_act", "counted", _marked("counted", _ref_conv), covers=covers)
+    ref = dispatch.reference("conv2d_act")
+    prices = {"reference": 2.0, "counted": 1.0}
+    x, w, b = _conv_operands(seed=5)
+    with tuner.use_timer(price_timer(prices)), _patched(ref, _marked("reference", _ref_conv)):
+        _conv(x, w, b)
+        assert Ran.last == "counted" and len(asked) == 1
+        for _ in range(3):
+            _conv(x, w, b)
+        assert Ran.last == "counted" and len(asked) == 1  # remembered: covers() not asked again
+        _conv(x[:2], w, b)  # another signature
+        assert len(asked) == 2
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            _conv(x, w, b)
+        finally:
+            torch.use_deterministic_algorithms(was)
+        assert len(asked) == 3
+        with dispatch.forward_context(input_finite=True):
+            _conv(x, w, b)
+        assert len(asked) == 4
+        _conv(x, w, b)
+        assert len(asked) == 4
+        tuner.reset()
+        _conv(x, w, b)
+        assert len(asked) == 5
+
+
+def test_fake_tensors_never_fill_the_remembered_selections(tuning):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w, b = _conv_operands(seed=6)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        _conv(torch.empty_like(x), w, b)
+    assert not dispatch._selections

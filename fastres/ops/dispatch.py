@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -106,12 +107,14 @@ def register(op: str, name: str, *, backend: str, covers: Covers, run, configs=N
         raise ValueError(f"op must be one of {list(OPS)}; got {op!r}")
     impl = Implementation(op, name, backend, covers, run, configs, rank, in_auto)
     _IMPLS[op] = [i for i in _IMPLS[op] if i.name != name] + [impl]
+    forget_selections()
     return impl
 
 
 def unregister(op: str, name: str) -> None:
     """Remove one implementation (tests, plug-ins)."""
     _IMPLS[op] = [i for i in _IMPLS[op] if i.name != name]
+    forget_selections()
 
 
 def implementations(op: str) -> List[Implementation]:
@@ -161,17 +164,46 @@ def select(call: Call) -> Tuple[Implementation, str]:
     backend = get_backend()
     if backend == "torch":
         return reference(op), ""
-    if backend == "auto":
-        covering = [impl for impl in _IMPLS[op] if impl.name != "reference" and _covered(impl, call, auto=True)]
-    else:
-        covering = [impl for impl in _IMPLS[op] if impl.backend == backend and _covered(impl, call)]
-    if not covering:
-        return reference(op), ""
     if backend != "auto":
-        return static_choice(call, covering), ""
+        covering = [impl for impl in _IMPLS[op] if impl.backend == backend and _covered(impl, call)]
+        return (static_choice(call, covering), "") if covering else (reference(op), "")
     from . import tuner  # imported late: it needs the registry filled
 
-    return tuner.choose(call, [reference(op)] + covering)
+    signature = key = None
+    if not torch.compiler.is_compiling() and not any(tuner._is_fake(t) for t in call.tensors().values()):
+        signature = tuner.signature(call)
+        key = (signature, _selection_state(call))
+        remembered = _selections.get(key)
+        if remembered is not None:
+            return remembered
+    covering = [impl for impl in _IMPLS[op] if impl.name != "reference" and _covered(impl, call, auto=True)]
+    chosen = tuner.choose(call, [reference(op)] + covering, signature) if covering else (reference(op), "")
+    if key is not None and (not covering or tuner.remembers(signature)):
+        _selections[key] = chosen
+    return chosen
+
+
+# auto's selections, remembered per (signature, state): once the tuner remembers a signature's choice
+# (measured, or from the disk cache), the same signature in the same state selects the same thing, so
+# a call skips every implementation's covers() (on the 2-core CPU select() cost ~60-80 us a call
+# before, most of it covers()). The state is what a covers() may read beyond the signature; anything
+# that changes the table (register, unregister) or the tuner's memory (tuner.reset) forgets them all.
+# Fake tensors and tracing never use or fill it.
+_selections: Dict[tuple, Tuple["Implementation", str]] = {}
+
+
+def _selection_state(call: Call) -> tuple:
+    tensors = call.tensors().values()
+    lead = call.lead
+    return (current_context(), tuple((t.requires_grad, t.is_inference()) for t in tensors),
+            torch.is_grad_enabled(), torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32,
+            torch.are_deterministic_algorithms_enabled(),
+            lead.device.type == "cuda" and torch.cuda.is_current_stream_capturing(),
+            os.environ.get("FASTRES_CUDNN_GRAPHS"), os.environ.get("FASTRES_WINOGRAD"))
+
+
+def forget_selections() -> None:
+    _selections.clear()
 
 
 def dispatch(op: str, args: Dict[str, object]) -> torch.Tensor:

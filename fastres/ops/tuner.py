@@ -371,11 +371,12 @@ def measure(call: Call, candidates: Sequence[Implementation]) -> Tuple[Optional[
 
 # ------------------------------------------------------------------ the choice
 
-def choose(call: Call, candidates: Sequence[Implementation]) -> Tuple[Implementation, str]:
-    """The (implementation, configuration) that runs `call` on backend auto."""
+def choose(call: Call, candidates: Sequence[Implementation], key: Optional[str] = None) -> Tuple[Implementation, str]:
+    """The (implementation, configuration) that runs `call` on backend auto (`key`: its signature, where
+    the caller has it)."""
     if len(candidates) == 1 and len(candidates[0].configs_for(call)) == 1:
         return candidates[0], ""
-    key = signature(call)
+    key = signature(call) if key is None else key
     by_name = {impl.name: impl for impl in candidates}
     if torch.compiler.is_compiling():
         # torch.compile traces this code once: the traced graph holds the remembered or cached choice
@@ -444,6 +445,13 @@ def tuning_report() -> List[dict]:
         return [dict(v, candidates=dict(v["candidates"])) for v in _report.values()]
 
 
+def remembers(key: str) -> bool:
+    """Whether this process remembers a choice for the signature `key` (measured or from the disk cache;
+    static choices are not remembered, so a later eager call may still measure)."""
+    with _lock:
+        return key in _memory
+
+
 def reset(memory: bool = True) -> None:
     """Forget this process's choices (tests; the disk cache stays)."""
     global _disk
@@ -453,6 +461,7 @@ def reset(memory: bool = True) -> None:
             _report.clear()
         _disk = None
         _warned.clear()
+    dispatch.forget_selections()
 
 
 # ------------------------------------------------------------------ the disk cache
