@@ -454,7 +454,7 @@ def stage_models(stage: Stage) -> None:
     import torchvision
 
     import fastres
-    from .memory import peak_memory_bytes
+    from .memory import forward_memory_bytes, peak_memory_bytes
 
     device, dry = stage.device, stage.dry_run
     cuda = device.type == "cuda"
@@ -482,15 +482,9 @@ def stage_models(stage: Stage) -> None:
             case["ms"] = round(_median_seconds(fn, device, reps, warmup=1) * 1e3, 3)
             case["peak_memory_mib"] = (lambda b: None if b is None else round(b / 2 ** 20))(
                 peak_memory_bytes(fn, device))
-            if forward is not None and cuda:
-                _sync(device)
-                before = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                held = forward()
-                _sync(device)
-                case["forward_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
-                case["held_after_forward_mib"] = round((torch.cuda.memory_allocated(device) - before) / 2 ** 20)
-                del held
+            forward_bytes = forward_memory_bytes(forward, device) if forward is not None else None
+            if forward_bytes is not None:
+                case["forward_peak_mib"], case["held_after_forward_mib"] = (round(b / 2 ** 20) for b in forward_bytes)
             if profile:
                 case["profile"] = kernel_profile(fn, device)
             case["status"] = "passed"

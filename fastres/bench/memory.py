@@ -24,6 +24,22 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
     return torch.cuda.max_memory_allocated(device)
 
 
+def forward_memory_bytes(forward: Callable[[], object], device: torch.device) -> Optional[tuple]:
+    """(peak bytes during forward(), bytes still held after it while its result lives) on `device`: for
+    a training step's forward returning the loss, the activations it keeps for the backward. None on
+    a CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = forward()
+    torch.cuda.synchronize(device)
+    held = torch.cuda.memory_allocated(device) - before
+    del result
+    return torch.cuda.max_memory_allocated(device), held
+
+
 def format_memory(nbytes: Optional[int]) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2 ** 20:.0f} MiB"
 
