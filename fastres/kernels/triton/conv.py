@@ -366,9 +366,9 @@ def configs_for_problem(problem: Problem, interpret: bool) -> List[str]:
         # with the prologue and statistics too) and are candidates for the large 16-bit GEMMs. 128 x 256
         # at 8 warps spills with the residual epilogue (255 registers + 384 bytes, triton 3.8): left out.
         # A flattened-loop conv once miscompiled at num_warps >= 8 (pytorch 173068): auto checks every
-        # candidate against the float64 reference
-        # before it may win, so a miscompiled one is rejected, never used. On the H200 (2026-12-04) every
-        # 4-warp tile was 1.5-3x slower than cuDNN at batch 256 (benchmarks/results/gpu-check-runs.md).
+        # candidate against the float64 reference before it may win, so a miscompiled one is rejected,
+        # never used. On the H200 (2026-12-04) every 4-warp tile was 1.5-3x slower than cuDNN at batch
+        # 256 (benchmarks/results/gpu-check-runs.md).
         shapes = [(128, 64, wide, 4, 4), (64, 128, wide, 4, 4), (64, 64, wide, 5, 4),
                   (128, 64, 32 if wide == 64 else 16, 3, 4), (64, 32, wide, 5, 4)]
         if problem.element_size <= 2 and problem.m >= 8192 and problem.k_group >= 128:
