@@ -93,8 +93,9 @@ def _cudnn_graph_dirs(cuda_home):
 # archive brings into _C stays private to it. A toolchain that links libstdc++ code into _C (the lent
 # H200's /opt/gcc g++ did: cuda-gdb found std::ostream's own code inside _C.so) otherwise exports a
 # second copy of libstdc++'s iostreams and locale from _C, the process's own libstdc++ interposes half
-# of it, and `ostringstream << int64` in _C reads the wrong locale facet: a segfault there (the cuDNN graph cache key), an empty string here with
-# -static-libstdc++ (tests/test_extension_build.py builds exactly that case).
+# of it, and `ostringstream << int64` in _C reads the wrong locale facet: a segfault there (the cuDNN
+# graph cache key), an empty string here with -static-libstdc++ (tests/test_extension_build.py builds
+# exactly that case).
 LINK_FLAGS = ["-fopenmp", "-Wl,--exclude-libs,ALL"]
 
 
