@@ -433,6 +433,36 @@ def test_training_step_on_triton_matches_torchvision(name, size, monkeypatch):
 
 
 @triton_only
+def test_backward_outside_the_backend_context_reruns_the_same_kernels(monkeypatch):
+    """A user's step: the forward under fastres.use_backend("triton") and autocast, the backward after
+    both are left. The recomputed segment (the stem's BN + ReLU + max-pool) reruns on the kernels its
+    forward took -- torch's checkpoint refuses a rerun whose tensors differ, which it did when the rerun
+    dispatched on the backend current at backward time -- and every gradient is bitwise the one of the
+    same step run wholly inside the contexts."""
+    chained = _chain_counter(monkeypatch, registry, "triton_norm_conv")
+    torch.manual_seed(0)
+    model = fastres.resnet18(num_classes=5).to(DEVICE).train()
+    x = _randn(2, 3, 16, 16, seed=3, layout="channels_last")
+
+    def step(backward_inside: bool):
+        model.zero_grad(set_to_none=True)
+        with fastres.use_backend("triton"), torch.autocast(DEVICE, dtype=torch.bfloat16, cache_enabled=False):
+            loss = model(x).float().square().mean()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    inside = step(True)
+    calls = len(chained)
+    outside = step(False)
+    assert len(chained) == 2 * calls > 0  # the rerun took the Triton norm_conv both times
+    for (name, _), a, b in zip(model.named_parameters(), inside, outside):
+        assert torch.equal(a, b), f"grad {name}"
+
+
+@triton_only
 @pytest.mark.parametrize("name", ["resnet50", "resnet18"])
 def test_chain_saves_exactly_the_tensors_it_drops(name):
     """What autograd saves for the backward, counted on fake CUDA tensors (batch 256, 224x224, bf16: no

@@ -182,14 +182,20 @@ def recomputed(fn, *tensors: torch.Tensor):
     """fn(reruns, *tensors), holding for the backward only `tensors` (which the caller keeps anyway) and
     running fn again in the backward for whatever its backward needs (torch.utils.checkpoint,
     non-reentrant). `reruns` is a memo fn passes to conv_bn_stats so that BN buffers are updated once.
-    Plain call (nothing recomputed) without gradients, and under torch.compile, whose partitioner chooses
-    what to save and what to recompute on its own."""
+    Both runs select implementations as the forward did (the backend and forward context are captured
+    with it: a backward outside `fastres.use_backend` reruns on the same kernels; torch's checkpoint
+    restores autocast itself). Plain call (nothing recomputed) without gradients, and under torch.compile,
+    whose partitioner chooses what to save and what to recompute on its own."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return fn(None, *tensors)
     import torch.utils.checkpoint as checkpoint
     reruns: dict = {}
-    return checkpoint.checkpoint(lambda *args: fn(reruns, *args), *tensors, use_reentrant=False,
-                                 preserve_rng_state=False)
+    state = _dispatch.selection_state()
+
+    def run(*args):
+        with _dispatch.replaying(state):
+            return fn(reruns, *args)
+    return checkpoint.checkpoint(run, *tensors, use_reentrant=False, preserve_rng_state=False)
 
 
 def bn_prologue(bn: _BatchNorm, mean: torch.Tensor, invstd: torch.Tensor, relu: bool = True) -> tuple:

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import torch
 
-from .backend import get_backend
+from .backend import get_backend, use_backend
 
 OPS = ("conv2d_act", "bottleneck_tail", "batch_norm_act", "add_relu", "norm_conv")
 # The checked arguments of each op, in the reference's positional order (reference.py).
@@ -247,6 +247,27 @@ def current_context() -> ForwardContext:
 
 
 _context_hooks: List[Callable[[ForwardContext], contextlib.AbstractContextManager]] = []
+
+
+def selection_state() -> tuple:
+    """What this thread's selections depend on besides the call itself: (backend, forward context)."""
+    return get_backend(), current_context()
+
+
+@contextlib.contextmanager
+def replaying(state: tuple) -> Iterator[None]:
+    """Select as under `state` (a selection_state()): a recomputed segment reruns in the backward, which
+    may run outside the `use_backend` and forward context its forward ran in, and must take the same
+    implementations or its saved tensors differ. The context hooks are not re-entered: a rerun is not a
+    new forward."""
+    backend, context = state
+    saved = current_context()
+    _context.value = context
+    try:
+        with use_backend(backend):
+            yield
+    finally:
+        _context.value = saved
 
 
 def on_forward_context(hook: Callable[[ForwardContext], contextlib.AbstractContextManager]) -> None:
