@@ -38,6 +38,10 @@ def test_dry_run_every_stage_passes(tmp_path):
     assert record["stages"]["tuner"]["results"]["report"], "the tuner chose nothing for a whole model"
     cases = record["stages"]["models"]["results"]["cases"]
     assert {c["impl"] for c in cases} >= {"fastres", "torchvision eager"}
+    # the Triton NormConv chain's training step runs forced (the interpreter here), beside auto's
+    assert any(c["impl"] == "fastres backend=triton (NormConv chain, Triton)" and c["status"] == "passed"
+               and c["mode"].startswith("training") for c in cases), cases
+    assert isinstance(record["stages"]["models"]["results"]["training_choices"], list)
     assert all(c["status"] in ("passed", "skipped") for c in cases), cases
     markdown = open(os.path.join(out, "gpu_check.md"), encoding="utf-8").read()
     for heading in ("| stage | status |", "## Models", "## Correctness", "fastres.bench.gpu_check"):
