@@ -275,8 +275,16 @@ def _norm_conv_operands(call: Call):
         call.groups
 
 
-register("norm_conv", "reference", backend="torch", covers=lambda call: None,
-         run=lambda call, config: reference.norm_conv(*call.positional()))
+def _reference_norm_conv(call: Call, config: str):
+    """torch's ops under NormConv's own autograd formula (registry.reference_norm_conv: what a chain holds
+    does not depend on which implementation the tuner picks per conv); under torch.compile the torch ops
+    themselves, whose saved tensors the compiler's partitioner chooses."""
+    if torch.compiler.is_compiling():
+        return reference.norm_conv(*call.positional())
+    return _norm_conv_finish(call, registry.reference_norm_conv(*_norm_conv_operands(call)))
+
+
+register("norm_conv", "reference", backend="torch", covers=lambda call: None, run=_reference_norm_conv)
 
 
 def _triton_norm_conv(call: Call, config: str):

@@ -33,7 +33,9 @@ def batch_norm_act(x, weight, bias, running_mean, running_var, training, momentu
         dtype = torch.promote_types(stats_dtype(x), mean.dtype)
         scale = invstd.to(dtype) if weight is None else invstd.to(dtype) * weight.to(dtype)
         shift = -mean.to(dtype) * scale if bias is None else bias.to(dtype) - mean.to(dtype) * scale
-        y = (x.to(dtype) * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)).to(x.dtype)
+        # x * scale promotes to dtype without a copy of x, so autograd saves x itself (in a chain, the
+        # norm_conv output it holds anyway) rather than an x-sized copy in dtype
+        y = (x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)).to(x.dtype)
     return epilogue_(y, residual, relu)
 
 
@@ -70,8 +72,10 @@ def stats_dtype(x: torch.Tensor) -> torch.dtype:
 def prologue(x, scale, shift, relu):
     """relu?(x * scale[c] + shift[c]), computed in the statistics' precision, stored in x's dtype."""
     dtype = torch.promote_types(stats_dtype(x), scale.dtype)
-    z = x.to(dtype) * scale.to(dtype).reshape(1, -1, 1, 1) + shift.to(dtype).reshape(1, -1, 1, 1)
-    return (torch.relu(z) if relu else z).to(x.dtype)
+    # one x-sized temporary in dtype: x * scale promotes without a copy of x, the rest is in place on it
+    # (autograd-valid: the product's backward needs x and scale, not the product)
+    z = (x * scale.to(dtype).reshape(1, -1, 1, 1)).add_(shift.to(dtype).reshape(1, -1, 1, 1))
+    return (z.relu_() if relu else z).to(x.dtype)
 
 
 def norm_conv_stats(x, weight, scale, shift, relu, stride, padding, dilation, groups):

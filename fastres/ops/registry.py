@@ -258,11 +258,39 @@ def _prologue_backward(da: Tensor, a: Tensor, x: Tensor, scale: Tensor, relu: bo
     """(dx, d scale, d shift) from the gradient of a = relu?(x * scale + shift): torch's formula."""
     from . import reference
     dtype = torch.promote_types(reference.stats_dtype(x), scale.dtype)
+    # x-sized temporaries: gz in the statistics' precision, then one product for d scale; gz becomes dx
+    # in place (da is this formula's own temporary)
     gz = da.to(dtype)
     if relu:
-        gz = torch.where(a > 0, gz, 0.0)
-    return ((gz * scale.to(dtype).reshape(1, -1, 1, 1)).to(x.dtype), (gz * x.to(dtype)).sum((0, 2, 3)),
-            gz.sum((0, 2, 3)))
+        gz.masked_fill_(torch.logical_not(a > 0), 0.0)  # NaN in a: no gradient, as torch's ReLU backward
+    dscale = (gz * x).sum((0, 2, 3), dtype=dtype)
+    dshift = gz.sum((0, 2, 3))
+    return gz.mul_(scale.to(dtype).reshape(1, -1, 1, 1)).to(x.dtype), dscale, dshift
+
+
+# The reference's (y, mean, var) under the same autograd formula: a chain whose tuner picks the
+# reference for some convs holds what a fused chain holds (the raw x, y, mean), not autograd's record of
+# the torch ops (the prologue's output and a float32 copy of y for var_mean: a ResNet-50 training step
+# chained on it was counted at +100% against torchvision, and at 466a8cb the H200 measured +43% with
+# auto choosing between it and Triton per conv).
+@torch.library.custom_op(f"{LIB}::reference_norm_conv", mutates_args=())
+def reference_norm_conv(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], relu: bool,
+                        stride: List[int], padding: List[int], dilation: List[int],
+                        groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    from . import reference
+    return reference.norm_conv_stats(x, weight, scale, shift, relu, stride, padding, dilation, groups)
+
+
+@reference_norm_conv.register_fake
+def _(x, weight, scale, shift, relu, stride, padding, dilation, groups):
+    return _fake_norm_conv(x, weight, stride, padding, dilation)
+
+
+def _reference_norm_conv_backward(ctx, gy, gmean, gvar):
+    return _norm_conv_backward(ctx, gy, gmean, gvar)[:9]  # no `config` argument
+
+
+reference_norm_conv.register_autograd(_reference_norm_conv_backward, setup_context=_norm_conv_setup)
 
 
 def _triton_norm_conv_setup(ctx, inputs, output):
