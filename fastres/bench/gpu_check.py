@@ -607,12 +607,12 @@ def stage_models(stage: Stage) -> None:
         record(dict(base, impl="fastres"), step_of(fr, fr.parameters()), profile=True, forward=forward_of(fr))
         stage.results["training_choices"] = [e for e in tuner.tuning_report() if " grad " in e["signature"]]
         stage.save()
-        if dry or stage.remaining() > 240:  # the compiled baseline below needs ~120 s of it
+        if dry or stage.remaining() > 150:  # the compiled baseline below needs ~90 s of it
             chain(fr, "cpp", "NormConv chain, cuDNN graphs", cuda and compiled_ops.cudnn_graphs_built())
         else:
             cases.append(dict(base, impl="fastres backend=cpp (NormConv chain, cuDNN graphs)", status="skipped",
                               reason="budget"))
-        stage.check(5 if dry else 120)
+        stage.check(5 if dry else 90)  # inductor compiled the inference forward in 16 s on the H200
         compiled = torch.compile(tv, backend=compile_backend)
         record(dict(base, impl=f"torch.compile({compile_backend}) torchvision"), step_of(compiled, tv.parameters()),
                forward=forward_of(compiled))
