@@ -469,6 +469,35 @@ def test_training_calls_are_timed_forward_and_backward(tuning, monkeypatch):
         assert all(n == 0 for _, n in timed), timed
 
 
+def _wrong_backward_conv(call):
+    """The reference conv's exact output with a gradient 1.5 times too large."""
+    y = _ref_conv(call)
+    return y + (0.5 * y - (0.5 * y).detach())
+
+
+def test_a_wrong_backward_is_rejected_for_training_calls_only(tuning):
+    """A training call's candidates are checked on their gradients against the float64 reference: one
+    whose forward is exact and whose backward is wrong is rejected there (with a warning naming it), and
+    is chosen where no backward runs."""
+    tuning("conv2d_act", "t_badgrad", _marked("t_badgrad", _wrong_backward_conv))
+    ref = dispatch.reference("conv2d_act")
+    prices = {"t_badgrad": 0.1, "reference": 3.0}
+    x, w, b = _conv_operands(seed=5)
+    w.requires_grad_()
+    with tuner.use_timer(price_timer(prices)), _patched(ref, _marked("reference", _ref_conv)):
+        with pytest.warns(RuntimeWarning, match="t_badgrad.*gradients that disagree"):
+            y = ops.conv2d_act(x, w, b, padding=1)
+        entry = _entry()
+        assert " grad " in entry["signature"] and entry["choice"] == "reference"
+        assert entry["candidates"]["t_badgrad"].startswith("rejected: gradient error")
+        y.sum().backward()
+        torch.testing.assert_close(w.grad, torch.func.grad(lambda w: reference.conv2d_act(
+            x, w, b, (1, 1), (1, 1), (1, 1), 1, None, True).sum())(w.detach()))
+        with torch.no_grad():
+            ops.conv2d_act(x, w, b, padding=1)
+        assert _entry()["choice"] == "t_badgrad"  # forward only: its forward is exact and fastest
+
+
 @pytest.mark.parametrize("winner", ["reference", "fused"])
 def test_norm_conv_chain_follows_the_measured_choice(tuning, winner):
     """auto takes a block's NormConv chain only where its measured choice for the block's first conv

@@ -334,28 +334,16 @@ def _check_call(op: str, variant: str, call, row_base: dict) -> List[dict]:
 NORM_CONV_LEAVES = ("x", "weight", "scale", "shift")
 
 
-def _norm_conv_grads(run, call):
-    """Gradients of NORM_CONV_LEAVES for fixed random cotangents of (y, mean, invstd)."""
-    from ..ops import tuner
-
-    leaves = {n: call.args[n].detach().clone().requires_grad_() for n in NORM_CONV_LEAVES}
-    trial = tuner._trial_call(call.replace(**leaves))
-    with torch.enable_grad():
-        outs = run(trial)
-        gen = torch.Generator(device=outs[0].device).manual_seed(0)
-        cotangents = [torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float64) for o in outs]
-        torch.autograd.backward([o.double() for o in outs], cotangents)
-    return [leaves[n].grad for n in NORM_CONV_LEAVES]
-
-
 def _norm_conv_grad_error(impl, call) -> float:
-    """Against torch's autograd of the reference's ops in float64 (reference.norm_conv), not the dispatched
-    reference, which shares the implementations' own backward formula."""
+    """The gradients of x, weight, scale, shift for fixed random cotangents of (y, mean, invstd) (the
+    tuner's `gradients`) against torch's autograd of the reference's ops in float64 (reference.norm_conv),
+    not the dispatched reference, which shares the implementations' own backward formula."""
     from ..ops import reference, tuner
 
-    expected = _norm_conv_grads(lambda c: reference.norm_conv(*c.positional()), tuner._float64_call(call))
-    got = _norm_conv_grads(lambda c: impl.run(c, ""), call)
-    return max(tuner.relative_error(a, b) for a, b in zip(got, expected))
+    expected = tuner.gradients(lambda c: reference.norm_conv(*c.positional()), tuner._float64_call(call),
+                               NORM_CONV_LEAVES)
+    got = tuner.gradients(lambda c: impl.run(c, ""), call, NORM_CONV_LEAVES)
+    return tuner._gradients_error(got, expected)
 
 
 def stage_correctness(stage: Stage) -> None:

@@ -7,7 +7,8 @@ its configurations) on the real call, check it against the reference, keep the f
   rank (`dispatch.static_choice`).
 - How: each candidate runs once (warm-up, Triton compile) and is checked against the reference
   computed in float64 on copies of the inputs (relative Frobenius error, `TOLERANCE` per dtype;
-  NaN where the reference has NaN and only there); a mismatch or an exception disqualifies it,
+  NaN where the reference has NaN and only there), a training call's on its gradients too (fixed
+  random cotangents, `gradients`); a mismatch or an exception disqualifies it,
   with one warning naming it. Then it is timed (`timer`): CUDA events on a GPU, the host clock on
   the CPU; the median of up to `REPEATS` runs within `BUDGET_MS` per candidate. A call that records
   autograd (training) is timed forward + backward (`_forward_backward`): the implementations' backward
@@ -264,6 +265,36 @@ def _forward_backward(impl: Implementation, call: Call, config: str) -> Callable
     return run
 
 
+def gradients(run: Callable[[Call], object], call: Call, names: Sequence[str]) -> List[Optional[torch.Tensor]]:
+    """The gradients of `call`'s tensors `names` (private leaf copies; running buffers copied too) after
+    run(call) and a backward from fixed random cotangents (seeded, drawn in float64) of every output that
+    requires grad: what a training step's backward computes, comparable across implementations and with
+    the float64 reference (whose call may carry no requires_grad flags: `names` says which)."""
+    leaves = {name: call.args[name].detach().clone().requires_grad_() for name in names}
+    with torch.enable_grad():
+        out = run(_trial_call(call.replace(**leaves)))
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+        if outs:
+            generator = torch.Generator(device=outs[0].device).manual_seed(0)
+            cotangents = [torch.randn(o.shape, generator=generator, device=o.device, dtype=torch.float64).to(o.dtype)
+                          for o in outs]
+            torch.autograd.backward(outs, cotangents)
+    return [leaves[name].grad for name in names]
+
+
+def _gradients_error(got: List[Optional[torch.Tensor]], expected: List[Optional[torch.Tensor]]) -> float:
+    """The worst relative_error over the gradients (a missing one counts as zeros)."""
+    worst = 0.0
+    for a, b in zip(got, expected):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        worst = max(worst, relative_error(a, b))
+    return worst
+
+
 def _outputs_error(out, expected) -> float:
     """relative_error of an op's output, or the worst over its outputs (norm_conv: y, mean, invstd)."""
     if isinstance(expected, (tuple, list)):
@@ -326,6 +357,11 @@ def measure(call: Call, candidates: Sequence[Implementation]) -> Tuple[Optional[
         ref_call = _trial_call(_float64_call(call))
         expected = dispatch.reference(call.op).run(ref_call, "")
         tol = tolerance(call)
+        # A training call's candidates are checked on their gradients too: a wrong backward would train
+        # silently wrong, and the implementations' backward kernels are their own.
+        names = [name for name, t in call.tensors().items() if t.requires_grad] if grad else []
+        expected_grads = gradients(lambda c: dispatch.reference(call.op).run(c, ""), _float64_call(call), names) \
+            if names else None
         best, best_ms = None, math.inf
         static = dispatch.static_choice(call, candidates)
         static_best, static_ms = None, math.inf  # the static implementation's fastest configuration
@@ -344,6 +380,15 @@ def measure(call: Call, candidates: Sequence[Implementation]) -> Tuple[Optional[
                                    f"(relative error {err:.3g} > {tol:.3g}); it is not used for {signature(call)}")
                         continue
                     del out
+                    if expected_grads is not None:
+                        err = _gradients_error(gradients(lambda c, impl=impl, config=config: impl.run(c, config),
+                                                         call, names), expected_grads)
+                        if not err <= tol:
+                            report[label] = f"rejected: gradient error {err:.3g} > tolerance {tol:.3g}"
+                            _warn_once(f"fastres auto: {call.op} implementation {label!r} computes gradients that "
+                                       f"disagree with the reference (relative error {err:.3g} > {tol:.3g}); it is "
+                                       f"not used for {signature(call)}")
+                            continue
                     # In place: every timed run overwrites one private copy (the values change, the
                     # work does not), made outside the timed region.
                     timed = _with_private_residual(call) if in_place else call
