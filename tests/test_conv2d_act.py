@@ -217,6 +217,61 @@ def test_packed_weight_cache_follows_in_place_edits():
     assert repacked is not tail and torch.equal(repacked[:, 8:21], wd.reshape(24, 13))
 
 
+@triton_only
+@pytest.mark.parametrize("op", ["conv2d_act", "bottleneck_tail"])
+def test_autocast_inference_casts_and_packs_a_weight_once(op, monkeypatch):
+    """Under autocast a float32 weight that records no gradient is cast once per version (kept while it
+    lives, dispatch.cast_parameters), so the Triton conv packs it once: a fresh cast made a new tensor, and
+    a repack, on every call. The kept cast is a normal tensor even when made under inference_mode (a later
+    autograd call may save it); a weight that requires grad is cast in the graph on every call."""
+    from fastres.kernels.triton import conv
+    packs = []
+    original = conv._pack
+    monkeypatch.setattr(conv, "_pack", lambda *args: (packs.append(args[0].dtype), original(*args))[1])
+    x = triton_randn(3, 13, 7, 9, seed=1, layout="channels_last")
+    w, b = triton_randn(16, 13, 1, 1, seed=2), triton_randn(16, seed=3)
+    shortcut, wd = triton_randn(3, 13, 13, 17, seed=4, layout="channels_last"), triton_randn(16, 13, 1, 1, seed=5)
+
+    def call():
+        if op == "conv2d_act":
+            return ops.conv2d_act(x, w, b)
+        return ops.bottleneck_tail(x, w, shortcut, wd, b, stride=2)
+
+    device = x.device.type
+    with fastres.use_backend("triton"), torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
+        with torch.inference_mode():
+            outs = [call() for _ in range(3)]
+        assert packs == [torch.bfloat16], packs  # one cast, one pack
+        assert all(torch.equal(o, outs[0]) for o in outs) and outs[0].dtype == torch.bfloat16
+        x.requires_grad_()  # the weight still records nothing: the kept cast serves, and is saved for backward
+        call().float().sum().backward()
+        assert len(packs) == 1 and x.grad is not None
+        w.requires_grad_()  # now the cast is part of the graph: a fresh one
+        call().float().sum().backward()
+    assert len(packs) == 2 and w.grad is not None and w.grad.dtype == torch.float32
+    expected = conv2d_act_ref(x.detach().double(), w.detach().double(), b.double(), (1, 1), (0, 0), (1, 1), 1,
+                              None if op == "conv2d_act" else F.conv2d(shortcut.double(), wd.double(), stride=2),
+                              True)
+    assert_close(outs[0], expected, torch.bfloat16, op)
+
+
+def test_cast_parameters_keeps_one_cast_per_version():
+    from fastres.ops.dispatch import cast_parameters
+    w = torch.randn(4, 3, 3, 3)
+    first, = cast_parameters(torch.bfloat16, w)
+    assert cast_parameters(torch.bfloat16, w)[0] is first and first.dtype == torch.bfloat16
+    assert cast_parameters(torch.float32, w)[0] is w  # its own dtype: itself
+    with torch.no_grad():
+        w.mul_(2.0)  # an in-place edit (a refold, an optimizer step) bumps the version: a new cast
+    second, = cast_parameters(torch.bfloat16, w)
+    assert second is not first and torch.equal(second, (w).to(torch.bfloat16))
+    w.requires_grad_()
+    assert cast_parameters(torch.bfloat16, w)[0].grad_fn is not None  # with autograd: in the graph
+    with torch.inference_mode():
+        frozen = torch.randn(4, 3, 3, 3)
+    assert cast_parameters(torch.bfloat16, frozen)[0] is not cast_parameters(torch.bfloat16, frozen)[0]
+
+
 # ------------------------------------------------------------------ empty batches and bad input (every op)
 
 def test_empty_batch_returns_empty_like_torch():

@@ -26,6 +26,8 @@ import threading
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .backend import get_backend, use_backend
 
@@ -312,3 +314,34 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 
 def cast(dtype: Optional[torch.dtype], *tensors):
     return [t if t is None or dtype is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+_casts = WeakTensorKeyDictionary()  # parameter -> ((version, dtype), its cast), while the parameter lives
+
+
+def cast_parameters(dtype: Optional[torch.dtype], *tensors):
+    """cast() for weights and biases: one that records no gradient is cast once per (version, dtype) and
+    the copy kept while it lives -- under autocast a folded or frozen float32 weight was otherwise cast
+    on every call, a kernel launch and a copy each time (and for the Triton conv a repack). A fresh cast,
+    as cast(), where the cast must be in the autograd graph, for an inference tensor (no version counter
+    to key on), under tracing or fake tensors, and for a first cast during CUDA-graph capture."""
+    out = []
+    for t in tensors:
+        if t is None or dtype is None or t.dtype == dtype:
+            out.append(t)
+            continue
+        if (torch.is_grad_enabled() and t.requires_grad) or t.is_inference() or torch.compiler.is_compiling() \
+                or isinstance(t, FakeTensor) or t.device.type == "meta":
+            out.append(t.to(dtype))
+            continue
+        key = (t._version, dtype)
+        hit = _casts.get(t)
+        if hit is None or hit[0] != key:
+            with torch.inference_mode(False):  # kept across modes: a normal tensor, never an inference one
+                cast_t = t.detach().to(dtype)
+            if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                out.append(cast_t)
+                continue
+            hit = _casts[t] = (key, cast_t)
+        out.append(hit[1])
+    return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import compiled, onednn, reference, registry, winograd
-from .dispatch import Call, autocast_dtype, cast, register
+from .dispatch import Call, autocast_dtype, cast, cast_parameters, register
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GPU_RANK = 200  # never a static choice on auto; explicit backends still take them
@@ -93,7 +93,8 @@ def _cudnn_fused_covers(call: Call):
 
 def _cudnn_fused_run(call: Call, config: str):
     dtype = autocast_dtype(call.x) or call.x.dtype
-    x, weight, bias, residual = cast(dtype, call.x, call.weight, call.bias, call.residual)
+    x, residual = cast(dtype, call.x, call.residual)
+    weight, bias = cast_parameters(dtype, call.weight, call.bias)
     fmt = torch.channels_last if registry._format_of(x) == torch.channels_last else torch.contiguous_format
     weight = weight.contiguous(memory_format=fmt)
     args = (list(call.stride), list(call.padding), list(call.dilation), call.groups)
@@ -117,14 +118,17 @@ def _cpp_covers(call: Call):
 
 
 def _cpp_conv(call: Call, config: str):
-    x, weight, bias, residual = cast(autocast_dtype(call.x) or call.x.dtype, call.x, call.weight, call.bias,
-                                     call.residual)
+    dtype = autocast_dtype(call.x) or call.x.dtype
+    x, residual = cast(dtype, call.x, call.residual)
+    weight, bias = cast_parameters(dtype, call.weight, call.bias)
     return compiled.conv2d_act(x, weight, bias, call.stride, call.padding, call.dilation, call.groups, residual,
                                call.relu)
 
 
 def _cpp_tail(call: Call, config: str):
-    h, w3, x, wd, bias = cast(autocast_dtype(call.h) or call.h.dtype, call.h, call.w3, call.x, call.wd, call.bias)
+    dtype = autocast_dtype(call.h) or call.h.dtype
+    h, x = cast(dtype, call.h, call.x)
+    w3, wd, bias = cast_parameters(dtype, call.w3, call.wd, call.bias)
     return compiled.bottleneck_tail(h, w3, x, wd, bias, call.stride, call.relu)
 
 
@@ -170,7 +174,8 @@ def _cudnn_graph_covers(call: Call):
     why = _cudnn_graph_common(call)
     if why is not None:
         return why
-    x, weight, bias, residual = cast(_cudnn_graph_dtype(call), call.x, call.weight, call.bias, call.residual)
+    dtype = _cudnn_graph_dtype(call)
+    (x, residual), (weight, bias) = cast(dtype, call.x, call.residual), cast_parameters(dtype, call.weight, call.bias)
     if not compiled.cudnn_graph_covers(x, weight, bias, call.stride, call.padding, call.dilation, call.groups,
                                        residual, call.relu):
         return "not covered: cuDNN has no engine for this graph (or groups > 1)"
@@ -178,7 +183,8 @@ def _cudnn_graph_covers(call: Call):
 
 
 def _cudnn_graph_run(call: Call, config: str):
-    x, weight, bias, residual = cast(_cudnn_graph_dtype(call), call.x, call.weight, call.bias, call.residual)
+    dtype = _cudnn_graph_dtype(call)
+    (x, residual), (weight, bias) = cast(dtype, call.x, call.residual), cast_parameters(dtype, call.weight, call.bias)
     return compiled.cudnn_conv2d_act(x, weight, bias, call.stride, call.padding, call.dilation, call.groups,
                                      residual, call.relu)
 
@@ -187,14 +193,16 @@ def _cudnn_tail_covers(call: Call):
     why = _cudnn_graph_common(call)
     if why is not None:
         return why
-    h, w3, x, wd, bias = cast(_cudnn_graph_dtype(call), call.h, call.w3, call.x, call.wd, call.bias)
+    dtype = _cudnn_graph_dtype(call)
+    (h, x), (w3, wd, bias) = cast(dtype, call.h, call.x), cast_parameters(dtype, call.w3, call.wd, call.bias)
     if not compiled.cudnn_tail_covers(h, w3, x, wd, bias, call.stride, call.relu):
         return "not covered: cuDNN has no engine for one of the tail's two graphs"
     return None
 
 
 def _cudnn_tail_run(call: Call, config: str):
-    h, w3, x, wd, bias = cast(_cudnn_graph_dtype(call), call.h, call.w3, call.x, call.wd, call.bias)
+    dtype = _cudnn_graph_dtype(call)
+    (h, x), (w3, wd, bias) = cast(dtype, call.h, call.x), cast_parameters(dtype, call.w3, call.wd, call.bias)
     return compiled.cudnn_bottleneck_tail(h, w3, x, wd, bias, call.stride, call.relu)
 
 
@@ -224,14 +232,17 @@ def _triton_covers(call: Call):
 
 
 def _triton_conv(call: Call, config: str):
-    x, weight, bias, residual = cast(autocast_dtype(call.x) or call.x.dtype, call.x, call.weight, call.bias,
-                                     call.residual)
+    dtype = autocast_dtype(call.x) or call.x.dtype
+    x, residual = cast(dtype, call.x, call.residual)
+    weight, bias = cast_parameters(dtype, call.weight, call.bias)  # a stable cast: packed once, not per call
     return registry.triton_conv2d_act(x, weight, bias, list(call.stride), list(call.padding), list(call.dilation),
                                       call.groups, residual, call.relu, config)
 
 
 def _triton_tail(call: Call, config: str):
-    h, w3, x, wd, bias = cast(autocast_dtype(call.h) or call.h.dtype, call.h, call.w3, call.x, call.wd, call.bias)
+    dtype = autocast_dtype(call.h) or call.h.dtype
+    h, x = cast(dtype, call.h, call.x)
+    w3, wd, bias = cast_parameters(dtype, call.w3, call.wd, call.bias)
     return registry.triton_bottleneck_tail(h, w3, x, wd, bias, list(call.stride), call.relu, config)
 
 
