@@ -209,6 +209,37 @@ def test_default_timer_is_bounded(monkeypatch):
     assert len(runs) == 3  # past the budget: the minimum of three runs, no more
 
 
+@pytest.mark.parametrize("host_ms,gpu_ms,expected", [(0.5, 2.0, 2.0), (0.4, 0.1, 0.4)])
+def test_gpu_timing_overlaps_host_work_as_a_model_does(host_ms, gpu_ms, expected, monkeypatch):
+    """pipelined_ms on a simulated GPU queue (events complete when the GPU reaches them): a GPU-bound call
+    is timed by its GPU time, not GPU plus the host's launch work as when each call started from an idle
+    GPU (that gave 2.5 here), and a launch-bound one by its host time; the run stays within the budget."""
+    clock = {"host": 0.0, "gpu": 0.0}
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock["host"] += host_ms
+        clock["gpu"] = max(clock["gpu"], clock["host"]) + gpu_ms
+
+    class Event:
+        def record(self):
+            self.t = clock["gpu"] = max(clock["gpu"], clock["host"])
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+        def synchronize(self):
+            clock["host"] = max(clock["host"], self.t)
+
+    assert tuner.pipelined_ms(fn, Event) == pytest.approx(expected)
+    assert len(calls) == 1 + tuner.REPEATS  # one alone to size the run, then the timed ones
+    calls.clear()
+    monkeypatch.setattr(tuner, "BUDGET_MS", 0.0)
+    assert tuner.pipelined_ms(fn, Event) == pytest.approx(expected)
+    assert len(calls) == 1 + 3
+
+
 def test_training_batch_norm_measures_without_side_effects(tuning):
     def bn(call):
         return reference.batch_norm_act(call.x, call.weight, call.bias, call.running_mean, call.running_var,
