@@ -410,9 +410,9 @@ def measure(call: Call, candidates: Sequence[Implementation]) -> Tuple[Optional[
                     # In place: every timed run overwrites one private copy (the values change, the
                     # work does not), made outside the timed region.
                     timed = _with_private_residual(call) if in_place else call
-                    if grad:  # a training call costs its forward and its backward: time both
+                    if grad:  # a training call costs its forward and its backward: time both (the
+                        # gradient check above has run them once: the backward's kernels are compiled)
                         run = _forward_backward(impl, timed, config)
-                        run()  # warm-up: the backward's kernels compile here
                     else:
                         def run(impl=impl, timed=timed, config=config):
                             return impl.run(_trial_call(timed), config)
