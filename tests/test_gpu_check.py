@@ -44,7 +44,8 @@ def test_dry_run_every_stage_passes(tmp_path):
     assert isinstance(record["stages"]["models"]["results"]["training_choices"], list)
     assert all(c["status"] in ("passed", "skipped") for c in cases), cases
     markdown = open(os.path.join(out, "gpu_check.md"), encoding="utf-8").read()
-    for heading in ("| stage | status |", "## Models", "## Correctness", "fastres.bench.gpu_check"):
+    for heading in ("| stage | status |", "## Models", "## Correctness", "fastres.bench.gpu_check",
+                    "| resnet18 | 2 | fastres backend=triton (NormConv chain, Triton) |"):  # read against eager
         assert heading in markdown
 
 
@@ -171,3 +172,25 @@ def test_cudnn_probe_cases_pass_against_torch_twins(index):
             assert len(schema.arguments) == len(twin.parameters), op
     assert len(cudnn_probe.CASES) == 6
     assert cudnn_probe.run_case(index, device="cpu", ops=_TorchGraphOps())
+
+
+def test_training_rows_are_read_against_eager_and_the_memory_goal():
+    def row(impl, ms, peak, model="resnet50", status="passed"):
+        return dict(model=model, mode="training step (fwd+bwd+SGD)", batch=256, impl=impl, ms=ms,
+                    peak_memory_mib=peak, status=status)
+    cases = [row("torchvision eager", 50.0, 10000),
+             row("fastres backend=triton (NormConv chain, Triton)", 40.0, 7400),  # -26%: met
+             row("fastres", 100.0, 14300),  # auto: no goal of its own
+             row("fastres backend=cpp (NormConv chain, cuDNN graphs)", 25.0, 7600),  # -24%: not met
+             row("torch.compile(inductor) torchvision", 45.0, None),
+             row("fastres backend=triton (NormConv chain, Triton)", 10.0, 100, model="resnet18"),  # no eager row
+             row("fastres", None, None, status="failed"),
+             dict(row("fastres", 5.0, 10), mode="inference")]
+    lines = gpu_check.training_against_eager(cases)
+    body = [line for line in lines if line.startswith("| resnet")]
+    assert body == [
+        "| resnet50 | 256 | fastres backend=triton (NormConv chain, Triton) | 1.25x | -26.0% | met |",
+        "| resnet50 | 256 | fastres | 0.50x | +43.0% |  |",
+        "| resnet50 | 256 | fastres backend=cpp (NormConv chain, cuDNN graphs) | 2.00x | -24.0% | NOT met |",
+        "| resnet50 | 256 | torch.compile(inductor) torchvision | 1.11x | - |  |"], lines
+    assert gpu_check.training_against_eager([row("fastres", 1.0, 1)]) == []  # nothing to compare with

@@ -636,6 +636,37 @@ def _fmt(value, digits=3):
     return str(value)
 
 
+MEMORY_GOAL = 0.25  # issue 21: a training step's peak at least 25% below torchvision eager's
+
+
+def training_against_eager(cases: List[dict]) -> List[str]:
+    """Markdown lines: every passed training row against torchvision eager at the same model and batch
+    (speed-up and peak memory), and issue 21's memory goal read off the forced NormConv chain rows."""
+    lines: List[str] = []
+    training = [c for c in cases if c["mode"].startswith("training") and c.get("status") == "passed"]
+    for c in training:
+        if c["impl"] == "torchvision eager" or not c.get("ms"):
+            continue
+        eager = next((e for e in training if e["impl"] == "torchvision eager" and e["model"] == c["model"]
+                      and e["batch"] == c["batch"] and e.get("ms")), None)
+        if eager is None:
+            continue
+        if not lines:
+            lines += ["", "Training against torchvision eager (same model, batch, dtype; speed-up > 1 is faster, "
+                          "peak change < 0 is less memory):", "",
+                      "| model | batch | impl | speed-up | step peak vs eager | issue 21 memory goal (<= -25%) |",
+                      "|---|---|---|---|---|---|"]
+        change = None
+        if c.get("peak_memory_mib") and eager.get("peak_memory_mib"):
+            change = c["peak_memory_mib"] / eager["peak_memory_mib"] - 1
+        goal = ""
+        if "NormConv chain" in c["impl"]:
+            goal = "not measured" if change is None else "met" if change <= -MEMORY_GOAL else "NOT met"
+        lines.append(f"| {c['model']} | {c['batch']} | {c['impl']} | {eager['ms'] / c['ms']:.2f}x | "
+                     f"{'-' if change is None else f'{change:+.1%}'} | {goal} |")
+    return lines
+
+
 def markdown(record: dict) -> str:
     env = record.get("stages", {}).get("environment", {}).get("results", {})
     info = env.get("info", {})
@@ -665,6 +696,7 @@ def markdown(record: dict) -> str:
             lines.append(f"| {c['model']} | {c['mode']} | {c['batch']} | {c['impl']} | {_fmt(c.get('ms'), 4)} | "
                          f"{_fmt(ips, 4)} | {_fmt(c.get('peak_memory_mib'))} | {_fmt(c.get('first_call_s'))} | "
                          f"{c['status']}{': ' + c['reason'] if c.get('reason') else ''} |")
+        lines += training_against_eager(models)
         held = [c for c in models if c.get("forward_peak_mib") is not None]
         if held:
             lines += ["", "Training memory: peak during the forward (graph kept) and held after it.", "",
