@@ -610,3 +610,50 @@ def test_fake_tensors_never_fill_the_remembered_selections(tuning):
     with FakeTensorMode(allow_non_fake_inputs=True):
         _conv(torch.empty_like(x), w, b)
     assert not dispatch._selections
+
+
+def test_selection_key_tells_apart_whatever_the_signature_does(monkeypatch):
+    """auto's remembered selections are found by a key of plain values, not the signature string: two
+    calls with one key must have one signature (or a remembered choice would run a call it was not
+    measured for). Each variant changes one thing the signature or a covers() reads."""
+    x, w, b = _conv_operands(seed=7)
+
+    def conv_call(x=x, w=w, b=b, stride=[1, 1]):
+        return dispatch.Call("conv2d_act", dict(x=x, weight=w, bias=b, stride=stride, padding=[1, 1],
+                                                dilation=[1, 1], groups=1, residual=None, relu=True))
+
+    def keyed(call):
+        return dispatch._selection_key(call), tuner.signature(call), dispatch.current_context()
+
+    seen = [keyed(conv_call()), keyed(conv_call())]  # the same call twice: one key
+    seen.append(keyed(conv_call(x=x.double(), w=w.double(), b=b.double())))
+    seen.append(keyed(conv_call(x=x.contiguous(memory_format=torch.channels_last))))
+    seen.append(keyed(conv_call(x=x[:2])))
+    seen.append(keyed(conv_call(stride=[2, 1])))
+    seen.append(keyed(conv_call(w=w.detach().requires_grad_())))
+    with torch.no_grad():
+        seen.append(keyed(conv_call(w=w.detach().requires_grad_())))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seen.append(keyed(conv_call()))
+    with torch.inference_mode():
+        seen.append(keyed(conv_call(x=x.clone())))
+    with dispatch.forward_context(input_finite=True):
+        seen.append(keyed(conv_call()))
+    monkeypatch.setenv("FASTRES_WINOGRAD", "0")
+    seen.append(keyed(conv_call()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        seen.append(keyed(conv_call()))
+    finally:
+        torch.set_num_threads(threads)
+    keys = [key for key, _, _ in seen]
+    assert keys[0] == keys[1] and len(set(keys)) == len(keys) - 1, keys
+    signature_of = {}
+    for key, signature, context in seen:
+        assert signature_of.setdefault(key, (signature, context)) == (signature, context)
+
+    class Sub(torch.Tensor):
+        pass
+    assert dispatch._selection_key(conv_call(x=x.as_subclass(Sub))) is None  # never remembered
+    assert dispatch._selection_key(conv_call(x=torch.empty(x.shape, device="meta"))) is None

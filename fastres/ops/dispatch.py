@@ -171,13 +171,13 @@ def select(call: Call) -> Tuple[Implementation, str]:
         return (static_choice(call, covering), "") if covering else (reference(op), "")
     from . import tuner  # imported late: it needs the registry filled
 
-    signature = key = None
-    if not torch.compiler.is_compiling() and not any(tuner._is_fake(t) for t in call.tensors().values()):
-        signature = tuner.signature(call)
-        key = (signature, _selection_state(call))
+    signature = None
+    key = None if torch.compiler.is_compiling() else _selection_key(call)
+    if key is not None:
         remembered = _selections.get(key)
         if remembered is not None:
             return remembered
+        signature = tuner.signature(call)
     covering = [impl for impl in _IMPLS[op] if impl.name != "reference" and _covered(impl, call, auto=True)]
     chosen = tuner.choose(call, [reference(op)] + covering, signature) if covering else (reference(op), "")
     if key is not None and (not covering or tuner.remembers(signature)):
@@ -185,23 +185,38 @@ def select(call: Call) -> Tuple[Implementation, str]:
     return chosen
 
 
-# auto's selections, remembered per (signature, state): once the tuner remembers a signature's choice
-# (measured, or from the disk cache), the same signature in the same state selects the same thing, so
-# a call skips every implementation's covers() (on the 2-core CPU select() cost ~60-80 us a call
-# before, most of it covers()). The state is what a covers() may read beyond the signature; anything
-# that changes the table (register, unregister) or the tuner's memory (tuner.reset) forgets them all.
-# Fake tensors and tracing never use or fill it.
+# auto's selections, remembered per call key: once the tuner remembers a signature's choice (measured,
+# or from the disk cache), a call with the same key selects the same thing, skipping every
+# implementation's covers() and the signature itself. The key holds everything the signature is made
+# of (finer: strides rather than the layout's name) and the state a covers() may read beyond it, as
+# plain values: a dict lookup, where formatting the signature string took ~15-25 us a call on the 2-core
+# CPU (host time that a launch-bound GPU forward pays per op). Anything that changes the table
+# (register, unregister) or the tuner's memory (tuner.reset) forgets them all. Fake tensors, tensor
+# subclasses and tracing never use or fill it.
 _selections: Dict[tuple, Tuple["Implementation", str]] = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _selection_state(call: Call) -> tuple:
-    tensors = call.tensors().values()
-    lead = call.lead
-    return (current_context(), tuple((t.requires_grad, t.is_inference()) for t in tensors),
-            torch.is_grad_enabled(), torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32,
+def _selection_key(call: Call) -> Optional[tuple]:
+    """The call's key in _selections, or None where selections are not remembered (fake, meta or
+    subclassed tensors)."""
+    key = [call.op]
+    for value in call.args.values():
+        if isinstance(value, torch.Tensor):
+            if type(value) not in _PLAIN or value.device.type == "meta":
+                return None
+            key.append((value.dtype, value.shape, value.stride(), value.device, value.requires_grad,
+                        value.is_inference()))
+        else:
+            key.append(tuple(value) if isinstance(value, list) else value)
+    device = call.lead.device.type
+    autocast = torch.is_autocast_enabled(device)
+    key += (current_context(), torch.is_grad_enabled(), autocast, autocast and torch.get_autocast_dtype(device),
+            torch.get_num_threads(), torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32,
             torch.are_deterministic_algorithms_enabled(),
-            lead.device.type == "cuda" and torch.cuda.is_current_stream_capturing(),
+            device == "cuda" and torch.cuda.is_current_stream_capturing(),
             os.environ.get("FASTRES_CUDNN_GRAPHS"), os.environ.get("FASTRES_WINOGRAD"))
+    return tuple(key)
 
 
 def forget_selections() -> None:
