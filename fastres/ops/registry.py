@@ -189,27 +189,53 @@ def _norm_conv_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused statistics cost nothing in the backward
 
 
-def norm_conv_output_grad(gy: Optional[Tensor], gmean: Optional[Tensor], gvar: Optional[Tensor], y: Tensor,
-                          mean: Tensor) -> Tensor:
-    """d loss / d y given the gradients of y, mean(y) and var(y) (biased, per channel):
-    gy + gmean / count + gvar * 2 / count * (y - mean), computed as gy + a * y + b with per-channel a
-    and b into ONE float32 buffer (addcmul reads y in its own dtype): a y-sized float32 temporary
-    instead of four (at ResNet-50's layer1, batch 256, each is 822 MB)."""
-    if gmean is None and gvar is None:
-        return gy if gy is not None else torch.zeros_like(y)
+def _output_grad_coefficients(gmean: Optional[Tensor], gvar: Optional[Tensor], y: Tensor,
+                              mean: Tensor) -> tuple:
+    """(a, b), per channel in the statistics' dtype, with d loss / d y = gy + a * y + b (a None without gvar)."""
     dtype = mean.dtype
     count = y.numel() // y.shape[1]
-    if gy is None:
-        g = torch.zeros_like(y, dtype=dtype)
-    else:  # a private buffer: the incoming gradient is never written
-        g = gy.to(dtype, copy=True)
     a = (gvar * (2.0 / count)).to(dtype) if gvar is not None else None
     b = (gmean / count).to(dtype) if gmean is not None else torch.zeros_like(mean)
-    if a is not None:
-        b = b - a * mean
-        g.addcmul_(y, a.reshape(1, -1, 1, 1))
-    g.add_(b.reshape(1, -1, 1, 1))
+    return a, (b - a * mean if a is not None else b)
+
+
+def norm_conv_output_grad(gy: Optional[Tensor], gmean: Optional[Tensor], gvar: Optional[Tensor], y: Tensor,
+                          mean: Tensor, fused: bool = False) -> Tensor:
+    """d loss / d y given the gradients of y, mean(y) and var(y) (biased, per channel):
+    gy + gmean / count + gvar * 2 / count * (y - mean), computed as gy + a * y + b with per-channel a
+    and b, rounded once into y's dtype. fused (the Triton family): one kernel pass reading gy and y and
+    writing the result (triton_norm_conv_output_grad); else torch ops into ONE float32 buffer
+    (addcmul reads y in its own dtype), three passes: a y-sized float32 temporary instead of the four
+    of the plain formula (at ResNet-50's layer1, batch 256, each is 822 MB)."""
+    if gmean is None and gvar is None:
+        return gy if gy is not None else torch.zeros_like(y)
+    a, b = _output_grad_coefficients(gmean, gvar, y, mean)
+    if fused and a is not None:
+        return triton_norm_conv_output_grad(gy, y, a, b)
+    if a is None:  # gy + b: y is not read
+        b = b.reshape(1, -1, 1, 1)
+        return torch.zeros_like(y).add_(b) if gy is None else torch.add(gy, b, out=torch.empty_like(y))
+    g = torch.addcmul(b.reshape(1, -1, 1, 1), y, a.reshape(1, -1, 1, 1))  # float32, y's memory format
+    if gy is not None:
+        g.add_(gy)
     return g.to(y.dtype)
+
+
+@torch.library.custom_op(f"{LIB}::triton_norm_conv_output_grad", mutates_args=())
+def triton_norm_conv_output_grad(gy: Optional[Tensor], y: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """gy + a[c] * y + b[c] in y's dtype and memory format, fp32 arithmetic, one pass: the BatchNorm
+    apply kernel with y as its input, (a, b) as its scale and shift and gy as its residual."""
+    bn = _kernel("batch_norm")
+    fmt = _format_of(y)
+    y = y if bn.collapsible(y) else y.contiguous(memory_format=fmt)
+    if gy is not None and not bn.collapsible(gy):
+        gy = gy.contiguous(memory_format=fmt)
+    return bn.batch_norm_act_apply(y, a.float().contiguous(), b.float().contiguous(), gy, False)
+
+
+@triton_norm_conv_output_grad.register_fake
+def _(gy, y, a, b):
+    return _empty_like_format(y, y.shape)
 
 
 def _norm_conv_backward(ctx, gy, gmean, gvar):
@@ -219,11 +245,11 @@ def _norm_conv_backward(ctx, gy, gmean, gvar):
     x, weight, scale, shift, y, mean = ctx.saved_tensors
     conv = ctx.conv
     needs = ctx.needs_input_grad
-    g = norm_conv_output_grad(gy, gmean, gvar, y, mean)
+    family = getattr(ctx, "family", "torch")
+    g = norm_conv_output_grad(gy, gmean, gvar, y, mean, fused=family == "triton")
     has_prologue = scale is not None
     need_da = needs[0] or (has_prologue and (needs[2] or needs[3]))
     dw = fused = None  # fused: (dx, d scale, d shift) from one kernel through the prologue
-    family = getattr(ctx, "family", "torch")
     if family == "triton":
         if needs[1]:
             dw = triton_norm_conv_wgrad(g, x, weight, scale, shift, ctx.relu, *conv)

@@ -14,9 +14,10 @@ ptxas -v on the PTX. Inference: eval-mode BN folded into the convs,
 projection blocks as one bottleneck-tail launch; training: the convs' forward launches and
 the BN kernels (phase A), and every conv -- the stem, each block conv, each projection -- as a NormConv
 launch (op "norm_conv": statistics epilogue, and the previous BN + ReLU as prologue where it has one; its
-config says "prologue" / "stats") and its backward (op "norm_conv_backward": the wgrad and dgrad kernels,
-"prologue" where they recompute the previous BN + ReLU; the stem's is the wgrad alone, since the image
-needs no gradient). The phase-A convs' backward is aten's, not Triton's.
+config says "prologue" / "stats") and its backward (op "norm_conv_backward": the output gradient
+gy + a * y + b (the BN apply kernel), then the wgrad and dgrad kernels, "prologue" where they recompute
+the previous BN + ReLU; the stem's has no dgrad, since the image needs no gradient). The phase-A convs'
+backward is aten's, not Triton's.
 
 Must run without TRITON_INTERPRET (the compiler needs real JIT functions).
 """
@@ -202,9 +203,13 @@ def plans(call: dict, dtype, config_mode: str):
         if call["op"] == "norm_conv_backward":
             from . import conv_backward
             conv_args = (tuple(call["stride"]), tuple(call["padding"]), tuple(call["dilation"]), call["groups"])
+            from . import batch_norm as bn
             g = _meta(call["out_shape"], dtype)
+            per_channel = _meta((call["out_shape"][1],), torch.float32)
+            # d loss / d y = gy + a * y + b first (the BN apply kernel, gy as its residual), then wgrad, dgrad
+            output_grad = bn.apply_plan(g, per_channel, per_channel, g, False)[1]
             dgrad = conv_backward.dgrad_plan(g, x, w, *conv_args, prologue)[1] if call["input_grad"] else []
-            return [("", conv_backward.wgrad_plan(g, x, w, *conv_args, prologue)[1] + dgrad)]
+            return [("", output_grad + conv_backward.wgrad_plan(g, x, w, *conv_args, prologue)[1] + dgrad)]
         args = (x, w, None, tuple(call["stride"]), tuple(call["padding"]), tuple(call["dilation"]), call["groups"],
                 None, False)
         cfgs = conv.configs(*args[:2], *args[3:7], prologue=prologue is not None)
@@ -250,8 +255,7 @@ def batch_norm_launches(call: dict, dtype) -> list:
         Launch(bn.batch_norm_act_finalize_kernel, (tiles,),
                [part, part, part, chunks, c, *[vec] * 8, 0.1, 1e-5],
                dict(HAS_WEIGHT=True, HAS_BIAS=True, UPDATE_RUNNING=True, BLOCK_C=block_c), 4, 3),
-        Launch(bn.batch_norm_act_apply_kernel, row_grid, [x, vec, vec, x, x, rows, c, l, *xs, *xs, *xs],
-               dict(HAS_RESIDUAL=call["residual"], RELU=call["relu"], **tile), 4, 3),
+        *bn.apply_plan(x, vec, vec, x if call["residual"] else None, call["relu"])[1],
         Launch(bn.batch_norm_act_backward_reduce_kernel, (chunks, tiles),
                [x, x, x, vec, vec, part, part, rows, c, l, *xs, *xs, *xs, rows_per_program],
                dict(RELU=call["relu"], **tile), 4, 3),

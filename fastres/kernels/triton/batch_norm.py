@@ -259,18 +259,28 @@ def batch_norm_act_stats(x: torch.Tensor, weight, bias, running_mean, running_va
     return mean, invstd, scale, shift
 
 
-def batch_norm_act_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor],
-                         relu: bool) -> torch.Tensor:
-    """relu(x * scale[c] + shift[c] + residual), output in x's dtype and memory format."""
+def apply_plan(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor],
+               relu: bool) -> tuple:
+    """(y, [Launch]) of batch_norm_act_apply (works on meta tensors: the sm_90 audit compiles it)."""
+    from .conv import Launch
     y = _like(x)
     (n, c, l), xs = _view3(x)
     ys = _view3(y)[1]
     rs = _view3(residual)[1] if residual is not None else ys
     block_r, block_c = _tiles(n * l, c, x.device.type == "cpu")
     grid = (triton.cdiv(n * l, block_r), triton.cdiv(c, block_c))
-    batch_norm_act_apply_kernel[grid](x, scale, shift, residual if residual is not None else y, y, n * l, c, l,
-                                      *xs, *rs, *ys, HAS_RESIDUAL=residual is not None, RELU=relu,
-                                      BLOCK_R=block_r, BLOCK_C=block_c)
+    return y, [Launch(batch_norm_act_apply_kernel, grid,
+                      [x, scale, shift, residual if residual is not None else y, y, n * l, c, l, *xs, *rs, *ys],
+                      dict(HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_R=block_r, BLOCK_C=block_c), 4, 3)]
+
+
+def batch_norm_act_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor],
+                         relu: bool) -> torch.Tensor:
+    """relu(x * scale[c] + shift[c] + residual), output in x's dtype and memory format (also norm_conv's
+    output gradient gy + a * y + b: x = y, scale = a, shift = b, residual = gy, no ReLU)."""
+    from .conv import run
+    y, launches = apply_plan(x, scale, shift, residual, relu)
+    run(launches)
     return y
 
 
