@@ -230,6 +230,77 @@ def test_backward_kernels_are_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*dgrad))  # the scale/shift sums: fixed tile order
 
 
+SMALL_TILES = "m32n32k16w4s1x1g4"  # not a default anywhere: the chosen tiles are told apart from the default
+
+
+@triton_only
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[4]], ids=_case_id)  # stride 2, groups 4, packed stem
+def test_backward_kernels_take_the_tiles_they_are_given(case):
+    """The backward tiles are a choice auto may time (NormConv config "forward|backward"): with other tiles
+    the wgrad and dgrad give the float64 result and the launches carry those tiles (a packed wgrad keeps
+    its 32-column step)."""
+    from fastres.kernels.triton import conv_backward
+    x, weight, scale, shift, g, kw = _backward_inputs(case, torch.float32, "channels_last")
+    ref = _backward_reference(x, weight, scale, shift, g, kw)
+    conv = _conv_args(kw)
+    dw = registry.triton_norm_conv_wgrad(g, x, weight, scale, shift, kw["relu"], *conv, SMALL_TILES)
+    dx, dscale, dshift = registry.triton_norm_conv_dgrad(g, x, weight, scale, shift, kw["relu"], *conv, SMALL_TILES)
+    for got, want, name in ((dw, ref[1], "weight"), (dx, ref[0], "x"), (dscale, ref[2], "scale"),
+                            (dshift, ref[3], "shift")):
+        assert_close(got, want, torch.float32, f"grad {name}")
+    plain = [tuple(a) if isinstance(a, list) else a for a in conv]
+    prologue = (scale.float(), shift.float(), kw["relu"])
+    wgrad = conv_backward.wgrad_plan(g, x, weight, *plain, prologue, config=SMALL_TILES)[1][0].constexprs
+    dgrad = conv_backward.dgrad_plan(g, x, weight, *plain, prologue, config=SMALL_TILES)[1][0].constexprs
+    assert (wgrad["BLOCK_M"], wgrad["BLOCK_N"], wgrad["BLOCK_K"]) == (32, 32, 16)
+    assert (dgrad["BLOCK_M"], dgrad["BLOCK_N"], dgrad["BLOCK_K"]) == (32, 32, 16)
+    with pytest.raises(ValueError, match="config"):
+        conv_backward.wgrad_plan(g, x, weight, *plain, prologue, config="big")
+
+
+@triton_only
+def test_a_norm_conv_config_carries_its_backward_tiles(monkeypatch):
+    """triton_norm_conv(config="forward|backward"): the forward runs the first tiles, the wgrad and dgrad
+    of its backward the second; a config without "|" leaves the backward on its default tiles."""
+    from fastres.kernels.triton import conv_backward
+    seen = []
+    for name in ("wgrad_plan", "dgrad_plan"):
+        original = getattr(conv_backward, name)
+
+        def spy(*args, original=original, name=name, **kwargs):
+            seen.append((name, kwargs.get("config", args[-1] if len(args) > 8 else "")))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(conv_backward, name, spy)
+    x, weight, scale, shift, _, _, kw = _case(CASES[0], torch.float32, "channels_last")
+    for config, expected in ((f"|{SMALL_TILES}", SMALL_TILES), ("", "")):
+        seen.clear()
+        leaves = [t.clone().requires_grad_() for t in (x, weight, scale, shift)]
+        y, mean, var = registry.triton_norm_conv(*leaves, True, *_conv_args(kw), config)
+        (y.double().square().sum() + mean.sum() + var.sum()).backward()
+        assert sorted(seen) == [("dgrad_plan", expected), ("wgrad_plan", expected)], seen
+
+
+@triton_only
+def test_backward_tiles_are_offered_for_large_training_calls_only():
+    """auto's NormConv candidates: the forward's tiles, and for a training call whose GEMMs are large
+    16-bit ones also the default forward with the wide backward tiles (timed forward + backward)."""
+    from fastres.kernels.triton import conv_backward
+    from fastres.ops import implementations
+
+    def call(c, k, n, dtype=torch.bfloat16, grad=True):
+        x = torch.empty(n, c, 14, 14, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.empty(k, c, 3, 3, device="meta", dtype=dtype).requires_grad_(grad)
+        return dispatch.Call("norm_conv", dict(x=x, weight=w, scale=None, shift=None, relu=False, stride=(1, 1),
+                                               padding=(1, 1), dilation=(1, 1), groups=1, running_mean=None,
+                                               running_var=None, momentum=0.1, eps=1e-5))
+    big = implementations._triton_norm_conv_configs(call(256, 256, 64))
+    assert f"|{conv_backward.WIDE}" in big and big[0] == ""
+    assert all("|" not in c for c in big[:-1])
+    for small in (call(64, 256, 64), call(256, 256, 2), call(256, 256, 64, torch.float32),
+                  call(256, 256, 64, grad=False)):
+        assert all("|" not in c for c in implementations._triton_norm_conv_configs(small))
+
+
 @triton_only
 def test_dgrad_not_covered_falls_back_and_stays_correct(monkeypatch):
     """Stride and dilation both > 1 is outside the dgrad's phase split: covers() says so, the backward runs

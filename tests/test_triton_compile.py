@@ -105,5 +105,10 @@ def test_norm_conv_backward_kernels_compile_as_fast_kernels(audit_rows):
         assert ("prologue" in r["config"]) == (r["layer"] not in ("layer4.2.conv1", "conv1")), r
     # one output-gradient pass per (layer, batch, dtype), before the GEMMs
     assert len(back) - len(gemms) == len({(r["layer"], r["batch"], r["dtype"]) for r in back})
+    # the wide backward tiles auto may time (8 warps) compile for the large GEMMs, at batch 256 only
+    wide = [r for r in gemms if r["config"].startswith("m128n128k64w8")]
+    assert {(r["layer"], r["kernel"]) for r in wide} >= {("layer4.0.conv2", "conv2d_wgrad_kernel"),
+                                                         ("layer4.0.conv2", "conv2d_dgrad_kernel")}
+    assert {r["batch"] for r in wide} == {256} and all("w8" in r["tile"] for r in wide)
     strided = [r for r in back if r["layer"] == "layer4.0.conv2" and r["kernel"] == "conv2d_dgrad_kernel"]
     assert strided and all(r["grid"][1] == 4 for r in strided)  # stride 2: four output phases

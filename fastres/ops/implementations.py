@@ -303,8 +303,15 @@ def _triton_norm_conv(call: Call, config: str):
 
 
 def _triton_norm_conv_configs(call: Call):
-    return registry._kernel("conv").configs(call.x, call.weight, call.stride, call.padding, call.dilation, call.groups,
-                                            prologue=call.scale is not None)
+    """The forward's tiles; for a training call also the default forward with each larger backward tile
+    ("|" + tiles: conv_backward.backward_configs), so auto's forward + backward timing picks those too."""
+    forward = registry._kernel("conv").configs(call.x, call.weight, call.stride, call.padding, call.dilation,
+                                               call.groups, prologue=call.scale is not None)
+    from . import tuner  # imported late, as dispatch does: it needs the registry filled
+    if not tuner.needs_grad(call):
+        return forward
+    backward = registry._kernel("conv_backward").backward_configs(call.x, call.weight, call.groups)
+    return forward + ["|" + tiles for tiles in backward]
 
 
 register("norm_conv", "triton", backend="triton", covers=_triton_covers, run=_triton_norm_conv,

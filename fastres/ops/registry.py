@@ -161,13 +161,20 @@ def _prologue_args(scale: Optional[Tensor], shift: Optional[Tensor], relu: bool)
     return None if scale is None else (scale.float().contiguous(), shift.float().contiguous(), relu)
 
 
+def _split_config(config: str) -> tuple:
+    """A NormConv config, "forward" or "forward|backward" (conv.Config strings, "" = the heuristic's):
+    the forward kernel's tiles and the wgrad / dgrad kernels' tiles."""
+    forward, _, backward = config.partition("|")
+    return forward, backward
+
+
 @torch.library.custom_op(f"{LIB}::triton_norm_conv", mutates_args=())
 def triton_norm_conv(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], relu: bool,
                      stride: List[int], padding: List[int], dilation: List[int], groups: int,
                      config: str = "") -> tuple[Tensor, Tensor, Tensor]:
     prologue = _prologue_args(scale, shift, relu)
     return _kernel("conv").conv2d_act(x, weight, None, tuple(stride), tuple(padding), tuple(dilation), groups, None,
-                                    False, config=config, prologue=prologue, stats=True)
+                                    False, config=_split_config(config)[0], prologue=prologue, stats=True)
 
 
 @triton_norm_conv.register_fake
@@ -251,10 +258,11 @@ def _norm_conv_backward(ctx, gy, gmean, gvar):
     need_da = needs[0] or (has_prologue and (needs[2] or needs[3]))
     dw = fused = None  # fused: (dx, d scale, d shift) from one kernel through the prologue
     if family == "triton":
+        tiles = getattr(ctx, "backward_config", "")
         if needs[1]:
-            dw = triton_norm_conv_wgrad(g, x, weight, scale, shift, ctx.relu, *conv)
+            dw = triton_norm_conv_wgrad(g, x, weight, scale, shift, ctx.relu, *conv, tiles)
         if need_da and _kernel("conv_backward").covers(x, weight, *conv) is None:
-            fused = triton_norm_conv_dgrad(g, x, weight, scale, shift, ctx.relu, *conv)
+            fused = triton_norm_conv_dgrad(g, x, weight, scale, shift, ctx.relu, *conv, tiles)
     elif family == "cudnn":  # cuDNN's fused backward graphs, per part where it has one
         from . import compiled
         if needs[1]:
@@ -322,40 +330,42 @@ reference_norm_conv.register_autograd(_reference_norm_conv_backward, setup_conte
 def _triton_norm_conv_setup(ctx, inputs, output):
     _norm_conv_setup(ctx, inputs, output)
     ctx.family = "triton"  # the backward runs Triton's wgrad and dgrad kernels (prologue recomputed)
+    ctx.backward_config = _split_config(inputs[9] if len(inputs) > 9 else "")[1]  # their tiles
 
 
 # The backward's kernels are operators too (torch.compile traces the backward formula).
 @torch.library.custom_op(f"{LIB}::triton_norm_conv_wgrad", mutates_args=())
 def triton_norm_conv_wgrad(grad: Tensor, x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                            relu: bool, stride: List[int], padding: List[int], dilation: List[int],
-                           groups: int) -> Tensor:
-    """d weight of conv2d(relu?(x * scale + shift)), the prologue recomputed from the raw x as it is loaded."""
+                           groups: int, config: str = "") -> Tensor:
+    """d weight of conv2d(relu?(x * scale + shift)), the prologue recomputed from the raw x as it is loaded;
+    config: the tiles ("" = the heuristic's)."""
     prologue = _prologue_args(scale, shift, relu)
     return _kernel("conv_backward").conv2d_wgrad(grad, x, weight, tuple(stride), tuple(padding), tuple(dilation),
-                                               groups, prologue)
+                                               groups, prologue, config=config)
 
 
 @triton_norm_conv_wgrad.register_fake
-def _(grad, x, weight, scale, shift, relu, stride, padding, dilation, groups):
+def _(grad, x, weight, scale, shift, relu, stride, padding, dilation, groups, config=""):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op(f"{LIB}::triton_norm_conv_dgrad", mutates_args=())
 def triton_norm_conv_dgrad(grad: Tensor, x: Tensor, weight: Tensor, scale: Optional[Tensor],
                            shift: Optional[Tensor], relu: bool, stride: List[int], padding: List[int],
-                           dilation: List[int], groups: int) -> tuple[Tensor, Tensor, Tensor]:
+                           dilation: List[int], groups: int, config: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """(dx, d scale, d shift) through the prologue in the dgrad's epilogue (dReLU, gz * scale, the sums of
-    gz * x and gz); without a prologue (dx, empty, empty)."""
+    gz * x and gz); without a prologue (dx, empty, empty). config: the tiles ("" = the heuristic's)."""
     prologue = _prologue_args(scale, shift, relu)
     out = _kernel("conv_backward").conv2d_dgrad(grad, x, weight, tuple(stride), tuple(padding), tuple(dilation),
-                                              groups, prologue)
+                                              groups, prologue, config=config)
     if prologue is None:
         return out, x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32)
     return out
 
 
 @triton_norm_conv_dgrad.register_fake
-def _(grad, x, weight, scale, shift, relu, stride, padding, dilation, groups):
+def _(grad, x, weight, scale, shift, relu, stride, padding, dilation, groups, config=""):
     sums = x.shape[1] if scale is not None else 0
     return (_empty_like_format(x, x.shape), x.new_empty((sums,), dtype=torch.float32),
             x.new_empty((sums,), dtype=torch.float32))

@@ -208,8 +208,14 @@ def plans(call: dict, dtype, config_mode: str):
             per_channel = _meta((call["out_shape"][1],), torch.float32)
             # d loss / d y = gy + a * y + b first (the BN apply kernel, gy as its residual), then wgrad, dgrad
             output_grad = bn.apply_plan(g, per_channel, per_channel, g, False)[1]
-            dgrad = conv_backward.dgrad_plan(g, x, w, *conv_args, prologue)[1] if call["input_grad"] else []
-            return [("", output_grad + conv_backward.wgrad_plan(g, x, w, *conv_args, prologue)[1] + dgrad)]
+            tiles = [""] + (conv_backward.backward_configs(x, w, call["groups"]) if config_mode == "all" else [])
+            out = []
+            for cfg in tiles:  # the output gradient's pass once, with the default tiles
+                dgrad = (conv_backward.dgrad_plan(g, x, w, *conv_args, prologue, config=cfg)[1]
+                         if call["input_grad"] else [])
+                wgrad = conv_backward.wgrad_plan(g, x, w, *conv_args, prologue, config=cfg)[1]
+                out.append((cfg, (output_grad if not cfg else []) + wgrad + dgrad))
+            return out
         args = (x, w, None, tuple(call["stride"]), tuple(call["padding"]), tuple(call["dilation"]), call["groups"],
                 None, False)
         cfgs = conv.configs(*args[:2], *args[3:7], prologue=prologue is not None)

@@ -198,11 +198,39 @@ def covers(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, gro
     return None
 
 
+def _tiles(config: str, default: Config, packed: bool = False) -> Config:
+    """The tiles of one backward launch: `config` (a conv.Config string, e.g. one of backward_configs) or
+    the plan's default. A packed wgrad decodes (r, s, c) per column in steps of at most 32."""
+    if not config:
+        return default
+    tiles = Config.parse(config)
+    if packed and tiles.block_n > 32:
+        tiles = Config(tiles.block_m, 32, tiles.block_k, tiles.num_warps, tiles.num_stages, 1, tiles.group_m)
+    return tiles
+
+
+# The large backward tile (both kernels): 128 x 128 with 8 warps (two warpgroups sharing the tile, the
+# Hopper GEMM shape), 3 stages. On sm_90 (audit) the wgrad takes 160-180 registers and the dgrad with the
+# prologue's backward 244-246, no spills; the 4-warp 128 x 64 / 64 x 128 tiles reach 234-252 in the dgrad.
+WIDE = "m128n128k64w8s3x1g8"
+
+
+def backward_configs(x: torch.Tensor, weight: torch.Tensor, groups: int) -> list:
+    """Backward tiles auto may time beside the default ("") for a training call: WIDE where both GEMMs are
+    large 16-bit ones (>= 128 output and input channels per group, >= 8192 output pixels), else none."""
+    k, c_group = weight.shape[0] // groups, weight.shape[1]
+    n, _, h, w = x.shape
+    if x.device.type == "cpu" or x.element_size() > 2 or min(k, c_group) < 128 or n * h * w < 8192:
+        return []
+    return [WIDE]
+
+
 def wgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
-               prologue: Optional[tuple] = None, split: Optional[int] = None) -> tuple:
+               prologue: Optional[tuple] = None, split: Optional[int] = None, config: str = "") -> tuple:
     """(out, [Launch], reduce): the weight gradient of conv2d(relu?(x * scale + shift)) given its output
     gradient g. Unsplit, out is dW (weight's shape and dtype) and reduce None; split over pixels, out holds
-    the fp32 partials and reduce(out) is dW. `split` forces a split (tests), None = the heuristic's."""
+    the fp32 partials and reduce(out) is dW. `split` forces a split (tests), None = the heuristic's;
+    `config`: the tiles (a conv.Config string), "" = the heuristic's."""
     n, c, h, w = x.shape
     k, c_group, r, s = weight.shape
     p, q = g.shape[2:]
@@ -214,6 +242,7 @@ def wgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
     else:
         wide = 64 if x.element_size() <= 2 else 32
         tiles = Config(128 if k_group >= 128 else 64, 32 if packed else _dividing(c_group, wide), wide, 4, 3)
+    tiles = _tiles(config, tiles, packed)
     cols = triton.cdiv(r * s * c_group, tiles.block_n) if packed else r * s * triton.cdiv(c_group, tiles.block_n)
     grid_tiles = triton.cdiv(k_group, tiles.block_m) * cols * groups
     steps = triton.cdiv(n * p * q, tiles.block_k)
@@ -240,10 +269,11 @@ def wgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
 
 
 def dgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
-               prologue: Optional[tuple] = None) -> tuple:
+               prologue: Optional[tuple] = None, config: str = "") -> tuple:
     """((dx, pdot, psum), [Launch]): the input gradient of conv2d(relu?(x * scale + shift)) given g. With a
     prologue dx is the gradient of the RAW x and pdot/psum [tiles, C] the per-tile sums of gz * x and gz
-    (summed over tiles they are d scale and d shift); without one dx is the conv's input gradient."""
+    (summed over tiles they are d scale and d shift); without one dx is the conv's input gradient.
+    `config`: the tiles (a conv.Config string), "" = the heuristic's."""
     n, c, h, w = x.shape
     k, c_group, r, s = weight.shape
     p, q = g.shape[2:]
@@ -260,6 +290,7 @@ def dgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
         block_m = 128 if n * hp * wp >= 8192 and c_group <= 64 and not fused else 64
         block_n = 64 if fused and c_group >= 64 else 128 if c_group >= 128 else 64 if c_group >= 64 else 32
         tiles = Config(block_m, block_n, _dividing(k_group, wide), 4, 3)
+    tiles = _tiles(config, tiles)
     num_m = triton.cdiv(n * hp * wp, tiles.block_m)
     phases = stride[0] * stride[1]
     wt = weight.detach().permute(2, 3, 0, 1).contiguous()  # [R, S, K, C_group]: channel rows contiguous
@@ -286,19 +317,19 @@ def dgrad_plan(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, p
 
 
 def conv2d_wgrad(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
-                 prologue: Optional[tuple] = None, split: Optional[int] = None) -> torch.Tensor:
+                 prologue: Optional[tuple] = None, split: Optional[int] = None, config: str = "") -> torch.Tensor:
     """The weight gradient (weight's shape and dtype). `prologue` = (scale, shift, relu), fp32 per input
-    channel, as the forward's; `split` forces a pixel split (tests), None = the plan's."""
-    out, launches, reduce = wgrad_plan(g, x, weight, stride, padding, dilation, groups, prologue, split)
+    channel, as the forward's; `split` forces a pixel split (tests), None = the plan's; `config`: tiles."""
+    out, launches, reduce = wgrad_plan(g, x, weight, stride, padding, dilation, groups, prologue, split, config)
     run(launches)
     return out if reduce is None else reduce(out)
 
 
 def conv2d_dgrad(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
-                 prologue: Optional[tuple] = None):
+                 prologue: Optional[tuple] = None, config: str = ""):
     """dx, or with a prologue (dx, d scale, d shift): the gradient of the raw x through relu?(x * scale +
-    shift) and the sums of gz * x and gz per channel (fp32)."""
-    (dx, pdot, psum), launches = dgrad_plan(g, x, weight, stride, padding, dilation, groups, prologue)
+    shift) and the sums of gz * x and gz per channel (fp32). `config`: the tiles, "" = the plan's."""
+    (dx, pdot, psum), launches = dgrad_plan(g, x, weight, stride, padding, dilation, groups, prologue, config)
     run(launches)
     if prologue is None:
         return dx
