@@ -50,7 +50,8 @@ from .dispatch import Call, Implementation
 REPEATS = 7
 BUDGET_MS = 200.0  # timing budget per candidate (after its warm-up run)
 SWITCH_MARGIN = {"cpu": 0.10, "cuda": 0.02}  # how much faster than the static choice a winner must be
-RULES = 4  # part of the disk cache's machine identity: choices made under other rules are not reused
+RULES = 5  # part of the disk cache's machine identity: choices made under other rules are not reused
+# (5: NormConv training candidates include backward tiles, "forward|backward")
 # Relative Frobenius error against the float64 reference that a candidate may have, by the dtype it
 # computes in. fp32 allows TF32 where torch's switch allows it on CUDA (and Winograd F(4x4)'s ~5e-6).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 5e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
