@@ -15,7 +15,8 @@ projection blocks as one bottleneck-tail launch; training: the convs' forward la
 the BN kernels (phase A), and every conv -- the stem, each block conv, each projection -- as a NormConv
 launch (op "norm_conv": statistics epilogue, and the previous BN + ReLU as prologue where it has one; its
 config says "prologue" / "stats") and its backward (op "norm_conv_backward": the output gradient
-gy + a * y + b (the BN apply kernel), then the wgrad and dgrad kernels, "prologue" where they recompute
+gy + a * y + b (the BN apply kernel) where the conv's BN is the next conv's prologue, then the wgrad
+and dgrad kernels, "prologue" where they recompute
 the previous BN + ReLU; the stem's has no dgrad, since the image needs no gradient). The phase-A convs'
 backward is aten's, not Triton's.
 
@@ -146,7 +147,7 @@ def model_calls(model_name: str, batch: int, mode: str, image: int = 224) -> Lis
     modules = dict(model.named_modules())
     calls = []
 
-    def conv(name, relu, residual=False, prologue=None):
+    def conv(name, relu, residual=False, prologue=None, feeds_prologue=False):
         m = modules[name]
         calls.append(dict(op="conv2d_act", layer=name, x_shape=shapes[name][0], w_shape=tuple(m.weight.shape),
                           stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
@@ -156,9 +157,12 @@ def model_calls(model_name: str, batch: int, mode: str, image: int = 224) -> Lis
             # NormConv (phase B): the same conv emitting its BN statistics, normalising its input when it
             # follows a BN + ReLU inside the block (prologue).
             calls.append(dict(calls[-1], op="norm_conv", prologue=prologue, bias=False, residual=False, relu=False))
-            # Its backward: the wgrad and dgrad kernels, recomputing the prologue from the raw input (the
-            # stem's input is the image: no dgrad).
-            calls.append(dict(calls[-1], op="norm_conv_backward", input_grad=name != "conv1"))
+            # Its backward: the output gradient's pass where its BN is the next conv's prologue (the
+            # statistics' gradient reaches y; a BN applied on its own gives y's whole gradient), then the
+            # wgrad and dgrad kernels, recomputing the prologue from the raw input (the stem's input is the
+            # image: no dgrad).
+            calls.append(dict(calls[-1], op="norm_conv_backward", input_grad=name != "conv1",
+                              output_grad=feeds_prologue))
         if mode == "train":
             calls.append(dict(op="batch_norm", layer=name.replace("conv", "bn").replace("downsample.0",
                                                                                        "downsample.1"),
@@ -171,7 +175,7 @@ def model_calls(model_name: str, batch: int, mode: str, image: int = 224) -> Lis
         last = "conv3" if hasattr(m, "conv3") else "conv2"
         inner = ["conv1", "conv2"] if last == "conv3" else ["conv1"]
         for index, c in enumerate(inner):
-            conv(f"{name}.{c}", True, prologue=index > 0)
+            conv(f"{name}.{c}", True, prologue=index > 0, feeds_prologue=True)
         if m.downsample is not None and mode == "infer" and last == "conv3":
             w3, wd = modules[f"{name}.conv3"], modules[f"{name}.downsample.0"]
             calls.append(dict(op="bottleneck_tail", layer=f"{name}.conv3+downsample",
@@ -207,7 +211,7 @@ def plans(call: dict, dtype, config_mode: str):
             g = _meta(call["out_shape"], dtype)
             per_channel = _meta((call["out_shape"][1],), torch.float32)
             # d loss / d y = gy + a * y + b first (the BN apply kernel, gy as its residual), then wgrad, dgrad
-            output_grad = bn.apply_plan(g, per_channel, per_channel, g, False)[1]
+            output_grad = bn.apply_plan(g, per_channel, per_channel, g, False)[1] if call["output_grad"] else []
             tiles = [""] + (conv_backward.backward_configs(x, w, call["groups"]) if config_mode == "all" else [])
             out = []
             for cfg in tiles:  # the output gradient's pass once, with the default tiles
