@@ -7,7 +7,8 @@
                      forward (graph recorded) and forward + backward
 - norm_conv_train:   norm_conv(x, W, scale, shift, relu=True) (the previous BN's apply + ReLU as the conv's
                      prologue, the next BN's batch statistics from its epilogue) vs batch_norm(training) ->
-                     relu -> conv2d -> var_mean (the next BN's statistics), forward and forward + backward.
+                     relu -> conv2d -> var_mean (the next BN's statistics), forward and forward + backward
+                     (the loss reads y and the statistics, so their gradient reaches y on both sides).
                      The fused op is given the previous BN's batch statistics, as the NormConv chain has
                      them from the previous conv's epilogue; the eager chain computes them.
 
@@ -148,19 +149,28 @@ def norm_conv_case(variant: Variant, stage: int, batch: int, size: int, device, 
     with torch.no_grad():  # what the previous conv's epilogue emitted
         var_x, mean_x = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
         invstd_x = torch.rsqrt(var_x + 1e-5)
-    finish = _finisher(backward, _input((batch, c, hw, hw), variant, device, seed=3))
+    grad = _input((batch, c, hw, hw), variant, device, seed=3)
+    # The next BN's statistics take part in the loss, as in the chain: their gradient reaches y too (the
+    # fused side's output-gradient pass, the eager side's var_mean backward).
+    stats_grads = [torch.randn(c, generator=torch.Generator().manual_seed(seed)).to(device) * 1e-3
+                   for seed in (4, 5)]
+
+    def finish(y, *stats):
+        if backward:
+            torch.autograd.backward([y, *stats], [grad, *stats_grads])
+        return y
 
     def eager():
         a = torch.relu(F.batch_norm(x, running_mean, running_var, gamma, beta, training=True, momentum=0.1))
         y = F.conv2d(a, w, None, 1, 1)
-        torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)  # the next BN's statistics
-        return finish(y)
+        var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)  # the next BN's statistics
+        return finish(y, mean, var)
 
     def fused():
         scale = invstd_x * gamma
-        y, _, _ = fastres.ops.norm_conv(x, w, 1, 1, scale=scale, shift=beta - mean_x * scale, relu=True,
-                                        running_mean=next_mean, running_var=next_var, momentum=0.1)
-        return finish(y)
+        y, mean, invstd = fastres.ops.norm_conv(x, w, 1, 1, scale=scale, shift=beta - mean_x * scale, relu=True,
+                                                running_mean=next_mean, running_var=next_var, momentum=0.1)
+        return finish(y, mean, invstd)
     return Case(eager, fused, conv_macs((batch, c, hw, hw), w.shape), batch)
 
 
