@@ -232,12 +232,8 @@ def norm_conv_output_grad(gy: Optional[Tensor], gmean: Optional[Tensor], gvar: O
 def triton_norm_conv_output_grad(gy: Optional[Tensor], y: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """gy + a[c] * y + b[c] in y's dtype and memory format, fp32 arithmetic, one pass: the BatchNorm
     apply kernel with y as its input, (a, b) as its scale and shift and gy as its residual."""
-    bn = _kernel("batch_norm")
-    fmt = _format_of(y)
-    y = y if bn.collapsible(y) else y.contiguous(memory_format=fmt)
-    if gy is not None and not bn.collapsible(gy):
-        gy = gy.contiguous(memory_format=fmt)
-    return bn.batch_norm_act_apply(y, a.float().contiguous(), b.float().contiguous(), gy, False)
+    y, gy = _collapsible(y, y, gy)
+    return _kernel("batch_norm").batch_norm_act_apply(y, a.float().contiguous(), b.float().contiguous(), gy, False)
 
 
 @triton_norm_conv_output_grad.register_fake
@@ -420,6 +416,13 @@ CUDNN_NORM_CONV = None  # registered with fastres._C's operators (register_compi
 # no gradient of its own; the apply op takes (mean, invstd) as inputs and its backward is
 # BatchNorm's full gradient (in training it accounts for the statistics' dependence on x).
 
+def _collapsible(like: Tensor, *tensors: Optional[Tensor]) -> list:
+    """The tensors as the per-channel Triton kernels address them (N, C, H*W with one H*W stride): as they
+    are where they already can be, else copied into `like`'s memory format; None stays None."""
+    bn = _kernel("batch_norm")
+    return [t if t is None or bn.collapsible(t) else t.contiguous(memory_format=_format_of(like)) for t in tensors]
+
+
 def _scale_shift(weight, bias, mean, invstd):
     scale = invstd * weight.float() if weight is not None else invstd
     shift = -mean * scale
@@ -431,7 +434,7 @@ def triton_batch_norm_act_stats(x: Tensor, running_mean: Optional[Tensor], runni
                             momentum: float, eps: float) -> tuple[Tensor, Tensor]:
     """(mean, invstd) of the batch in fp32; updates the running buffers in place (no host sync)."""
     bn = _kernel("batch_norm")
-    x = x if bn.collapsible(x) else x.contiguous(memory_format=_format_of(x))
+    (x,) = _collapsible(x, x)
     mean, invstd, _, _ = bn.batch_norm_act_stats(x, None, None, running_mean, running_var, momentum, eps)
     return mean, invstd
 
@@ -441,10 +444,7 @@ def triton_batch_norm_act_apply(x: Tensor, weight: Optional[Tensor], bias: Optio
                             invstd: Tensor, residual: Optional[Tensor], training: bool, relu: bool) -> Tensor:
     """relu((x - mean) * invstd * weight + bias + residual) in x's dtype and memory format."""
     bn = _kernel("batch_norm")
-    fmt = _format_of(x)
-    x = x if bn.collapsible(x) else x.contiguous(memory_format=fmt)
-    if residual is not None and not bn.collapsible(residual):
-        residual = residual.contiguous(memory_format=fmt)
+    x, residual = _collapsible(x, x, residual)
     scale, shift = _scale_shift(weight, bias, mean, invstd)
     return bn.batch_norm_act_apply(x, scale, shift, residual, relu)
 
@@ -455,9 +455,7 @@ def triton_batch_norm_act_backward(grad: Tensor, y: Tensor, x: Tensor, weight: O
                                need_param_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     bn = _kernel("batch_norm")
     scale = invstd * weight.float() if weight is not None else invstd
-    fmt = _format_of(x)
-    grad = grad if bn.collapsible(grad) else grad.contiguous(memory_format=fmt)
-    x = x if bn.collapsible(x) else x.contiguous(memory_format=fmt)
+    grad, x = _collapsible(x, grad, x)
     dx, dres, dweight, dbias = bn.batch_norm_act_backward(grad, y, x, mean, invstd, scale, relu=relu, training=training,
                                            need_dres=need_residual_grad, need_param_grads=need_param_grads)
     # Unused outputs come back as empty tensors: operators cannot return None.

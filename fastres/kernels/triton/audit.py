@@ -16,9 +16,8 @@ the BN kernels (phase A), and every conv -- the stem, each block conv, each proj
 launch (op "norm_conv": statistics epilogue, and the previous BN + ReLU as prologue where it has one; its
 config says "prologue" / "stats") and its backward (op "norm_conv_backward": the output gradient
 gy + a * y + b (the BN apply kernel) where the conv's BN is the next conv's prologue, then the wgrad
-and dgrad kernels, "prologue" where they recompute
-the previous BN + ReLU; the stem's has no dgrad, since the image needs no gradient). The phase-A convs'
-backward is aten's, not Triton's.
+and dgrad kernels, "prologue" where they recompute the previous BN + ReLU; the stem's has no dgrad,
+since the image needs no gradient). The phase-A convs' backward is aten's, not Triton's.
 
 Must run without TRITON_INTERPRET (the compiler needs real JIT functions).
 """

@@ -24,6 +24,7 @@ assumes one of them), `covers()` says so and the caller runs torch's conv backwa
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -204,9 +205,7 @@ def _tiles(config: str, default: Config, packed: bool = False) -> Config:
     if not config:
         return default
     tiles = Config.parse(config)
-    if packed and tiles.block_n > 32:
-        tiles = Config(tiles.block_m, 32, tiles.block_k, tiles.num_warps, tiles.num_stages, 1, tiles.group_m)
-    return tiles
+    return dataclasses.replace(tiles, block_n=32) if packed and tiles.block_n > 32 else tiles
 
 
 # The large backward tile (both kernels): 128 x 128 with 8 warps (two warpgroups sharing the tile, the
